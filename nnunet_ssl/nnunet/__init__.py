@@ -1,0 +1,1 @@
+"""Glue between the pure-tensor core and nnU-Net v2."""
