@@ -1,0 +1,81 @@
+"""``nnunet-ssl``: command-line entry point."""
+from __future__ import annotations
+
+import argparse
+import os
+import shlex
+import sys
+
+
+def _cmd_env(args) -> int:
+    from nnunet_ssl._startup import ENV_VAR, discovery_folder, extended_value
+    # the start-up hook has already extended the variable in this process; print what the user's shell needs
+    print(f"export {ENV_VAR}={shlex.quote(extended_value(os.environ.get(ENV_VAR), discovery_folder()))}")
+    return 0
+
+
+def _cmd_plan(args) -> int:
+    _require_env("nnUNet_raw", "nnUNet_preprocessed")
+    from nnunet_ssl.nnunet.planning import plan_and_preprocess
+    ident = plan_and_preprocess(args.d, args.pl, args.c, args.np, plans_name=args.overwrite_plans_name,
+                                gpu_memory_target_in_gb=args.gpu_memory_target,
+                                verify_dataset_integrity=args.verify_dataset_integrity, verbose=True)
+    print(f"plans identifier: {ident}  (use: nnUNetv2_train {args.d} {args.c[0] if args.c else 'CONF'} FOLD "
+          f"-p {ident} ...)")
+    return 0
+
+
+def _cmd_demo(args) -> int:
+    from nnunet_ssl.demo import run_demo
+    run_demo(work_dir=args.work_dir, dataset=args.dataset, labeled=args.labeled, device=args.device,
+             seed=args.seed, pretrain_trainer=args.pretrain_trainer, finetune_trainer=args.finetune_trainer,
+             planner=args.planner, configuration=args.c)
+    return 0
+
+
+def _require_env(*names: str) -> None:
+    missing = [n for n in names if not os.environ.get(n)]
+    if missing:
+        raise SystemExit(f"{', '.join(missing)} not set: export them as for nnU-Net "
+                         f"(see nnU-Net's documentation/setting_up_paths.md)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="nnunet-ssl", description=__doc__)
+    sub = p.add_subparsers(dest="command", required=True)
+
+    s = sub.add_parser("env", help="print the export line that makes nnU-Net find the plugin's trainers")
+    s.set_defaults(func=_cmd_env)
+
+    s = sub.add_parser("plan", help="fingerprint, plan and preprocess a dataset with a plugin (or nnU-Net) planner")
+    s.add_argument("-d", type=int, required=True, help="dataset id")
+    s.add_argument("-pl", default="nnUNetPlannerSmall", help="planner class (default: nnUNetPlannerSmall)")
+    s.add_argument("-c", nargs="*", default=["3d_fullres"], help="configurations to preprocess")
+    s.add_argument("-np", type=int, default=2, help="processes")
+    s.add_argument("-overwrite_plans_name", default=None)
+    s.add_argument("-gpu_memory_target", type=float, default=None)
+    s.add_argument("--verify_dataset_integrity", action="store_true")
+    s.set_defaults(func=_cmd_plan)
+
+    s = sub.add_parser("demo", help="phantom -> pretrain -> fine-tune (scratch vs pretrained) -> predict -> Dice")
+    s.add_argument("--dataset", type=int, default=None,
+                   help="run on this existing nnU-Net raw dataset (from nnUNet_raw) instead of the phantom")
+    s.add_argument("--work-dir", default="nnunet_ssl_demo", help="all outputs go here (default: ./nnunet_ssl_demo)")
+    s.add_argument("--labeled", type=int, default=5, help="labelled cases for fine-tuning (default 5)")
+    s.add_argument("--device", default="cpu", choices=["cpu", "cuda", "mps"])
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("-c", default="3d_fullres", help="configuration (default 3d_fullres)")
+    s.add_argument("--planner", default="nnUNetPlannerSmall")
+    s.add_argument("--pretrain-trainer", default="SpadePretrainTrainer_cpu")
+    s.add_argument("--finetune-trainer", default="nnUNetTrainerFinetune_cpu")
+    s.set_defaults(func=_cmd_demo)
+    return p
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,152 @@
+"""Voxel correspondences between two augmented views of one volume."""
+import math
+from typing import Dict, Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+
+def _flatten_coords(coords: Tensor) -> Tensor:
+    # (B, 3, *S) -> (B, prod(S), 3)
+    return coords.flatten(2).transpose(1, 2).float()
+
+
+def sample_correspondences(
+    coords_a: Tensor,
+    valid_a: Tensor,
+    coords_b: Tensor,
+    valid_b: Tensor,
+    num_samples: int,
+    tolerance: float,
+    generator: Optional[torch.Generator] = None,
+    candidate_factor: Optional[float] = 4.0,
+) -> Dict[str, Tensor]:
+    """Sample matching voxel pairs between view a and view b, per batch item.
+
+    Each voxel of a view holds the position (common voxel frame of the underlying
+    volume) it shows. Up to ``num_samples`` distinct valid voxels of view a whose
+    nearest valid voxel of view b lies within ``tolerance`` are drawn uniformly at
+    random; each is paired with that nearest voxel.
+
+    To bound memory, nearest neighbours are only searched for a random subset of
+    ``candidate_factor * num_samples`` eligible a-voxels (all of them when
+    ``candidate_factor`` is None or they are fewer). Eligible means valid and inside
+    the bounding box of view b's valid positions grown by ``tolerance``, which no
+    matching voxel can lie outside of; this keeps the hit rate high for partially
+    overlapping views. The distance matrix is (B, candidates, prod(S)).
+
+    Returns a dict with, for K = num_samples:
+        'index_a', 'index_b': long (B, K) flat indices into the spatial dims,
+        'mask': bool (B, K), False for padding slots (too few correspondences),
+        'distance': float (B, K) distance between the paired positions.
+    Padding slots hold index 0 and distance 0.
+    """
+    if coords_a.shape != coords_b.shape:
+        raise ValueError(f"views must have equal shapes, got {tuple(coords_a.shape)} and {tuple(coords_b.shape)}")
+    if coords_a.dim() not in (4, 5) or coords_a.shape[1] != 3:
+        raise ValueError(f"expected coords (B, 3, *S) with 2 or 3 spatial dims, got {tuple(coords_a.shape)}")
+    spatial = (coords_a.shape[0],) + tuple(coords_a.shape[2:])
+    if tuple(valid_a.shape) != spatial or tuple(valid_b.shape) != spatial:
+        raise ValueError(f"valid masks must be {spatial}, got {tuple(valid_a.shape)} and {tuple(valid_b.shape)}")
+    if num_samples < 0:
+        raise ValueError(f"num_samples must be >= 0, got {num_samples}")
+    device = coords_a.device
+    bsz = coords_a.shape[0]
+    k = num_samples
+
+    # float32 throughout: coordinates must stay exact to well below a voxel.
+    pa = _flatten_coords(coords_a)
+    pb = _flatten_coords(coords_b)
+    va = valid_a.reshape(bsz, -1).to(device=device, dtype=torch.bool)
+    vb = valid_b.reshape(bsz, -1).to(device=device, dtype=torch.bool)
+    n = pa.shape[1]
+
+    # Invalid voxels may hold arbitrary (even non-finite) coordinates; neutralise them.
+    pa = torch.where(va[..., None], pa, torch.zeros_like(pa))
+    pb = torch.where(vb[..., None], pb, torch.zeros_like(pb))
+    # Centre both views on a shared per-item offset: the matmul distance expansion
+    # below loses precision with large absolute coordinates.
+    offset = pa.sum(dim=1, keepdim=True) / va.sum(dim=1).clamp_min(1)[:, None, None]
+    pa = pa - offset
+    pb = pb - offset
+
+    inf = torch.tensor(float("inf"), device=device)
+    lo = torch.where(vb[..., None], pb, inf).amin(dim=1, keepdim=True) - tolerance
+    hi = torch.where(vb[..., None], pb, -inf).amax(dim=1, keepdim=True) + tolerance
+    eligible = va & ((pa >= lo) & (pa <= hi)).all(dim=-1)
+
+    # Random candidate subset: topk of random scores, ineligible voxels pushed below.
+    m = n if candidate_factor is None else min(n, max(k, int(math.ceil(candidate_factor * k))))
+    scores = torch.rand(bsz, n, generator=generator, device=device)
+    scores = scores.masked_fill(~eligible, -1.0)
+    cand_score, cand_idx = scores.topk(m, dim=1)
+    cand_ok = cand_score >= 0
+    cand_pos = torch.gather(pa, 1, cand_idx[..., None].expand(-1, -1, 3))  # (B, M, 3)
+
+    # Rank b voxels by |b|^2 - 2<a, b> (the |a|^2 term is constant per row), in one
+    # (B, M, Sb) buffer; float32 even under autocast, since half precision cannot
+    # resolve voxel coordinates.
+    with torch.autocast(device_type=device.type, enabled=False):
+        score_b = torch.baddbmm(
+            pb.pow(2).sum(-1)[:, None, :], cand_pos, pb.transpose(1, 2), alpha=-2.0
+        )
+        score_b.masked_fill_(~vb[:, None, :], float("inf"))
+        nn_idx = score_b.argmin(dim=2)  # (B, M)
+        del score_b
+    # Exact distance for the chosen pair (the expansion is only used to rank).
+    nn_pos = torch.gather(pb, 1, nn_idx[..., None].expand(-1, -1, 3))
+    dist = (cand_pos - nn_pos).norm(dim=-1)
+    has_b = vb.any(dim=1, keepdim=True)
+    match = cand_ok & has_b & (dist <= tolerance)
+
+    # Uniform random choice of K matches among the candidates.
+    kk = min(k, m)
+    scores2 = torch.rand(bsz, m, generator=generator, device=device).masked_fill(~match, -1.0)
+    sel_score, sel = scores2.topk(kk, dim=1)
+    mask = sel_score >= 0
+    index_a = torch.gather(cand_idx, 1, sel)
+    index_b = torch.gather(nn_idx, 1, sel)
+    distance = torch.gather(dist, 1, sel)
+    zero_l = torch.zeros_like(index_a)
+    index_a = torch.where(mask, index_a, zero_l)
+    index_b = torch.where(mask, index_b, zero_l)
+    distance = torch.where(mask, distance, torch.zeros_like(distance))
+    if kk < k:
+        pad = k - kk
+        index_a = F.pad(index_a, (0, pad))
+        index_b = F.pad(index_b, (0, pad))
+        distance = F.pad(distance, (0, pad))
+        mask = F.pad(mask, (0, pad), value=False)
+    return {"index_a": index_a, "index_b": index_b, "mask": mask, "distance": distance}
+
+
+def gather_at(feature_map: Tensor, flat_index: Tensor) -> Tensor:
+    """Pick feature vectors at flat spatial indices: (B, C, *S), (B, K) -> (B, K, C)."""
+    bsz, ch = feature_map.shape[:2]
+    flat = feature_map.reshape(bsz, ch, -1)
+    idx = flat_index.to(device=flat.device, dtype=torch.long)[:, None, :].expand(-1, ch, -1)
+    return torch.gather(flat, 2, idx).transpose(1, 2)
+
+
+def downsample_coords(
+    coords: Tensor, valid: Tensor, factor: Tuple[int, ...]
+) -> Tuple[Tensor, Tensor]:
+    """Bring a coordinate map to a feature map's resolution.
+
+    Averaging an affine coordinate field over a block gives the block centre's
+    coordinate. A block is valid only if all its voxels are. Sizes not divisible by
+    the factor yield a partial last block (ceil, like a padded strided conv),
+    averaged over the voxels it actually covers.
+    """
+    nd = coords.dim() - 2
+    if nd not in (2, 3):
+        raise ValueError(f"expected coords (B, 3, *S) with 2 or 3 spatial dims, got {tuple(coords.shape)}")
+    factor = tuple(int(f) for f in factor)
+    if len(factor) != nd:
+        raise ValueError(f"factor {factor} does not match {nd} spatial dims")
+    avg = F.avg_pool3d if nd == 3 else F.avg_pool2d
+    mx = F.max_pool3d if nd == 3 else F.max_pool2d
+    c = avg(coords.float(), kernel_size=factor, stride=factor, ceil_mode=True)
+    invalid = mx((~valid.bool()).float()[:, None], kernel_size=factor, stride=factor, ceil_mode=True)
+    return c.to(coords.dtype) if coords.is_floating_point() else c, invalid[:, 0] == 0

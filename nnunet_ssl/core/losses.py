@@ -1,0 +1,80 @@
+"""Contrastive losses."""
+from typing import Dict, Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+
+def info_nce(
+    anchors: Tensor,
+    candidates: Optional[Tensor],
+    pos_mask: Tensor,
+    neg_mask: Tensor,
+    temperature: float,
+) -> Tuple[Tensor, Dict[str, Tensor]]:
+    """Multi-positive InfoNCE (supervised-contrastive "L_out" form).
+
+    For anchor i with positives P_i and negatives N_i:
+        L_i = -1/|P_i| * sum_{p in P_i} [s_ip - logsumexp_{a in P_i u N_i} s_ia],
+    s_ij = <a_i, c_j> / temperature. Entries that are neither positive nor negative
+    do not enter the denominator. The loss is the mean of L_i over anchors with at
+    least one positive; with none, a zero still attached to the graph is returned.
+
+    Inputs are expected to be L2-normalised already; they are normalised again
+    defensively (a no-op for unit vectors) so the temperature keeps its meaning.
+    Computed in float32 regardless of autocast, since the logits at low
+    temperature overflow/underflow half precision.
+
+    Args:
+        anchors: (Na, D).
+        candidates: (Nc, D), or None to contrast anchors against themselves.
+        pos_mask, neg_mask: bool (Na, Nc). An entry in both counts as positive.
+        temperature: softmax temperature (> 0).
+
+    Returns:
+        (loss scalar float32, stats) with detached float tensors 'mean_pos',
+        'mean_neg' (per-anchor counts averaged over all anchors) and
+        'num_anchors' (anchors that contributed, i.e. had a positive).
+    """
+    if temperature <= 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    with torch.autocast(device_type=anchors.device.type, enabled=False):
+        a = F.normalize(anchors.float(), dim=-1)
+        c = a if candidates is None else F.normalize(candidates.float(), dim=-1)
+        pos = pos_mask.to(device=a.device, dtype=torch.bool)
+        neg = neg_mask.to(device=a.device, dtype=torch.bool) & ~pos
+        na, nc = a.shape[0], c.shape[0]
+        if pos.shape != (na, nc) or neg.shape != (na, nc):
+            raise ValueError(
+                f"masks must be ({na}, {nc}), got {tuple(pos.shape)} and {tuple(neg.shape)}"
+            )
+
+        n_pos = pos.sum(1)
+        n_neg = neg.sum(1)
+        has_pos = n_pos > 0
+        stats = {
+            "mean_pos": n_pos.float().sum().detach() / max(na, 1),
+            "mean_neg": n_neg.float().sum().detach() / max(na, 1),
+            "num_anchors": has_pos.float().sum().detach(),
+        }
+
+        # Zero that keeps every input in the graph, so backward works even when
+        # no anchor contributes.
+        zero = (a * 0).sum() + (0.0 if candidates is None else (c * 0).sum())
+        if not bool(has_pos.any()):
+            return zero, stats
+
+        # Keep only anchors with a positive: every kept row has a finite entry in
+        # its denominator, so logsumexp (and its gradient) never sees an all -inf row.
+        a_k = a[has_pos]
+        pos_k = pos[has_pos]
+        den_k = pos_k | neg[has_pos]
+        logits = a_k @ c.t() / temperature
+        lse = torch.logsumexp(logits.masked_fill(~den_k, float("-inf")), dim=1)
+        log_prob = logits - lse[:, None]
+        per_anchor = -torch.where(pos_k, log_prob, torch.zeros_like(log_prob)).sum(1) / n_pos[
+            has_pos
+        ].float()
+        loss = per_anchor.mean() + zero
+    return loss, stats

@@ -1,0 +1,80 @@
+"""Spatial-prior positive/negative pair selection (Spade)."""
+from typing import Dict, Optional, Tuple
+
+import torch
+from torch import Tensor
+
+
+def contrastive_masks(
+    coords: Tensor,
+    group_ids: Tensor,
+    r_pos: float,
+    r_neg: float,
+    valid: Optional[Tensor] = None,
+) -> Tuple[Tensor, Tensor]:
+    """Build positive and negative pair masks from positions and group membership.
+
+    Args:
+        coords: (N, 3) positions in a common frame (e.g. canonical crop centres).
+        group_ids: (N,) long; entries sharing an id are always positives
+            (the views of one crop, or a voxel and its corresponding voxel).
+        r_pos: pairs closer than this are positives as well; 0 disables that.
+        r_neg: pairs farther than this (and not positive) are negatives.
+            Pairs in the band r_pos <= d <= r_neg are neither (too ambiguous).
+        valid: optional (N,) bool; invalid entries (padding) are never paired.
+
+    Returns:
+        (pos_mask, neg_mask), both bool (N, N), disjoint, with a false diagonal.
+    """
+    if r_neg < r_pos:
+        raise ValueError(f"r_neg ({r_neg}) must be >= r_pos ({r_pos})")
+    if coords.dim() != 2 or group_ids.dim() != 1 or coords.shape[0] != group_ids.shape[0]:
+        raise ValueError(
+            f"expected coords (N, D) and group_ids (N,), got {tuple(coords.shape)} and {tuple(group_ids.shape)}"
+        )
+    n = coords.shape[0]
+    c = coords.float()
+    # Direct differences rather than the matmul expansion, which loses precision for large coordinates.
+    dist = torch.cdist(c, c, compute_mode="donot_use_mm_for_euclid_dist")
+    off_diag = ~torch.eye(n, dtype=torch.bool, device=coords.device)
+    if valid is not None:
+        v = valid.to(device=coords.device, dtype=torch.bool)
+        off_diag = off_diag & v[:, None] & v[None, :]
+    same_group = group_ids[:, None] == group_ids[None, :]
+    pos = off_diag & (same_group | (dist < r_pos))
+    neg = off_diag & ~pos & (dist > r_neg)
+    return pos, neg
+
+
+def pair_statistics(
+    pos_mask: Tensor, neg_mask: Tensor, valid: Optional[Tensor] = None
+) -> Dict[str, Tensor]:
+    """Per-anchor pair counts averaged over anchors.
+
+    'mean_excluded' counts candidates that are neither positive nor negative; for
+    square masks the anchor itself is not counted. With ``valid`` given, only valid
+    anchors are averaged and only valid candidates counted.
+    """
+    pos = pos_mask.bool()
+    neg = neg_mask.bool()
+    na, nc = pos.shape
+    if valid is not None:
+        v = valid.to(device=pos.device, dtype=torch.bool)
+        row_ok, col_ok = v, v
+    else:
+        row_ok = torch.ones(na, dtype=torch.bool, device=pos.device)
+        col_ok = torch.ones(nc, dtype=torch.bool, device=pos.device)
+    n_pos = (pos & col_ok[None, :]).sum(1).float()
+    n_neg = (neg & col_ok[None, :]).sum(1).float()
+    n_cand = col_ok.sum().float().expand(na)
+    if na == nc:
+        # Do not count self as an excluded candidate.
+        n_cand = n_cand - (row_ok & col_ok).float()
+    n_exc = n_cand - n_pos - n_neg
+    w = row_ok.float()
+    denom = w.sum().clamp_min(1.0)
+    return {
+        "mean_pos": (n_pos * w).sum() / denom,
+        "mean_neg": (n_neg * w).sum() / denom,
+        "mean_excluded": (n_exc * w).sum() / denom,
+    }

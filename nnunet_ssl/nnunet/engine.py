@@ -1,0 +1,427 @@
+"""Shared engine of all contrastive pretraining trainers: a subclass of nnUNetTrainer.
+
+A pretraining method is a small subclass that declares
+  * its heads (:meth:`build_heads`, fed from the U-Net bottleneck and/or one decoder stage), and
+  * its objective (:meth:`compute_loss`, a pure-tensor function of the head outputs and the batch metadata).
+The engine owns everything else: the two-view loader with spatial metadata, AMP, optimisation, logging and
+the progress plot, atomic checkpoints, and the hand-off of the full U-Net to stock nnU-Net
+(``nnUNetv2_train ... -pretrained_weights checkpoint_final.pth``).
+
+Method hyper-parameters and the training budget are class attributes, so variants are declarations::
+
+    class SpadePretrainTrainer_cpu(SpadePretrainTrainer):
+        num_epochs = 20
+        num_iterations_per_epoch = 25
+"""
+from __future__ import annotations
+
+import os
+from time import time
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+from batchgenerators.dataloading.nondet_multi_threaded_augmenter import NonDetMultiThreadedAugmenter
+from batchgenerators.dataloading.single_threaded_augmenter import SingleThreadedAugmenter
+from batchgenerators.utilities.file_and_folder_operations import join
+from torch import nn
+from torch import distributed as dist
+from torch._dynamo import OptimizedModule
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+from nnunetv2.training.dataloading.nnunet_dataset import infer_dataset_class
+from nnunetv2.training.logging.nnunet_logger import LocalLogger
+from nnunetv2.training.lr_scheduler.polylr import PolyLRScheduler
+from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
+from nnunetv2.utilities.default_n_proc_DA import get_allowed_n_proc_DA
+from nnunetv2.utilities.helpers import dummy_context
+from nnunetv2.utilities.label_handling.label_handling import determine_num_input_channels
+
+from nnunet_ssl.nnunet.checkpoint import atomic_torch_save, load_checkpoint_file
+from nnunet_ssl.nnunet.pair_loader import TwoViewDataLoader
+from nnunet_ssl.nnunet.transforms import split_training_transforms
+
+# nnU-Net's budget and optimiser attributes that a pretraining class may redeclare as class attributes
+BUDGET_ATTRIBUTES = ("num_epochs", "num_iterations_per_epoch", "num_val_iterations_per_epoch", "initial_lr",
+                     "weight_decay", "save_every")
+
+
+class ContrastiveLocalLogger(LocalLogger):
+    """nnU-Net's LocalLogger plus one list per logged loss term; draws a pretraining progress plot."""
+
+    def __init__(self, terms: Sequence[str], verbose: bool = False):
+        super().__init__(verbose)
+        self.terms = list(terms)
+        for t in self.terms:
+            self.my_fantastic_logging[f"train_{t}"] = []
+            self.my_fantastic_logging[f"val_{t}"] = []
+
+    def _epochs_logged(self) -> int:
+        keys = ["train_losses", "val_losses", "lrs", "epoch_start_timestamps", "epoch_end_timestamps"]
+        keys += [f"{p}_{t}" for t in self.terms for p in ("train", "val")]
+        return min(len(self.my_fantastic_logging[k]) for k in keys)
+
+    def plot_progress_png(self, output_folder):
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        n = self._epochs_logged()
+        if n == 0:
+            return
+        log = self.my_fantastic_logging
+        x = list(range(n))
+        loss_terms = [t for t in self.terms if not t.startswith("mean_")]
+        count_terms = [t for t in self.terms if t.startswith("mean_")]
+        fig, axes = plt.subplots(4, 1, figsize=(12, 18))
+        ax = axes[0]
+        ax.plot(x, log["train_losses"][:n], "b-", lw=2, label="loss_tr")
+        ax.plot(x, log["val_losses"][:n], "r-", lw=2, label="loss_val")
+        for t in loss_terms:
+            ax.plot(x, log[f"train_{t}"][:n], "--", label=f"{t}_tr")
+            ax.plot(x, log[f"val_{t}"][:n], ":", label=f"{t}_val")
+        ax.set_xlabel("epoch"); ax.set_ylabel("contrastive loss"); ax.legend(loc="upper right")
+        ax = axes[1]
+        for t in count_terms:
+            ax.plot(x, log[f"train_{t}"][:n], label=t)
+        ax.set_xlabel("epoch"); ax.set_ylabel("pairs per anchor (train)"); ax.set_yscale("symlog")
+        if count_terms:
+            ax.legend(loc="upper right")
+        ax = axes[2]
+        ax.plot(x, [e - s for e, s in zip(log["epoch_end_timestamps"][:n], log["epoch_start_timestamps"][:n])],
+                "b-", lw=2, label="epoch duration")
+        ax.set_ylim(bottom=0); ax.set_xlabel("epoch"); ax.set_ylabel("time [s]"); ax.legend(loc="upper right")
+        ax = axes[3]
+        ax.plot(x, log["lrs"][:n], "b-", lw=2, label="learning rate")
+        ax.set_xlabel("epoch"); ax.set_ylabel("learning rate"); ax.legend(loc="upper right")
+        fig.tight_layout()
+        fig.savefig(join(output_folder, "progress.png"))
+        plt.close(fig)
+
+
+def unwrap(module: nn.Module) -> nn.Module:
+    if isinstance(module, DDP):
+        module = module.module
+    if isinstance(module, OptimizedModule):
+        module = module._orig_mod
+    return module
+
+
+def encoder_strides(network: nn.Module) -> np.ndarray:
+    """Cumulative stride of every encoder stage, shape (n_stages, dim)."""
+    enc = unwrap(network).encoder
+    dim = 3 if enc.conv_op is nn.Conv3d else 2
+    strides = [np.broadcast_to(np.asarray(s), (dim,)) for s in enc.strides]
+    return np.cumprod(np.stack(strides), axis=0)
+
+
+class ContrastiveModel(nn.Module):
+    """U-Net + projection heads in one module, so DDP/AMP see a single forward.
+
+    ``head_inputs`` maps each head to 'bottleneck' or 'decoder' (the output of decoder stage
+    ``decoder_stage``; 0 = lowest resolution, negative values count from the full-resolution end).
+    The decoder runs only as far as needed."""
+
+    def __init__(self, network: nn.Module, heads: nn.ModuleDict, head_inputs: Dict[str, str],
+                 decoder_stage: Optional[int]):
+        super().__init__()
+        self.network = network
+        self.heads = heads
+        self.head_inputs = dict(head_inputs)
+        n_dec = len(network.decoder.stages)
+        self.decoder_stage = None if decoder_stage is None else decoder_stage % n_dec
+
+    def forward(self, x: torch.Tensor) -> Dict[str, torch.Tensor]:
+        skips = self.network.encoder(x)
+        feats = {"bottleneck": skips[-1]}
+        if "decoder" in self.head_inputs.values():
+            dec = self.network.decoder
+            lres = skips[-1]
+            for s in range(self.decoder_stage + 1):
+                lres = dec.stages[s](torch.cat((dec.transpconvs[s](lres), skips[-(s + 2)]), 1))
+            feats["decoder"] = lres
+        return {name: head(feats[self.head_inputs[name]]) for name, head in self.heads.items()}
+
+
+class ContrastivePretrainTrainer(nnUNetTrainer):
+    """Engine for two-view contrastive pretraining; subclasses implement build_heads and compute_loss."""
+
+    # ---- budget (nnU-Net attributes; GPU-scale defaults) ----
+    num_epochs: int = 300
+    num_iterations_per_epoch: int = 250
+    num_val_iterations_per_epoch: int = 25
+    initial_lr: float = 1e-2
+    weight_decay: float = 3e-5
+    save_every: int = 25
+    # ---- sampling ----
+    pairs_per_batch: Optional[int] = None  # cases per step (2 views each); None = the plans' batch size
+    crop_overlap: Tuple[float, float] = (0.3, 0.9)  # min/max fraction of voxels the two crops share
+    # ---- model ----
+    head_inputs: Dict[str, str] = {}  # head name -> 'bottleneck' | 'decoder'
+    decoder_stage: Optional[int] = -2  # decoder stage feeding dense heads (-2: one below full resolution)
+    grad_clip: float = 12.0
+    # loss terms compute_loss reports (logged per epoch for train and validation)
+    logged_terms: Tuple[str, ...] = ()
+
+    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
+                 device: torch.device = torch.device("cuda")):
+        super().__init__(plans, configuration, fold, dataset_json, device)
+        for name in BUDGET_ATTRIBUTES:  # nnUNetTrainer.__init__ set instance values; class declarations win
+            setattr(self, name, getattr(type(self), name))
+        self.enable_deep_supervision = False
+        self.logger.local_logger = ContrastiveLocalLogger(self.logged_terms)
+        self.heads = None
+        self.model = None
+        self.best_val_loss = None
+
+    # ------------------------------------------------------------------ to implement by methods
+    def build_heads(self) -> nn.ModuleDict:
+        raise NotImplementedError
+
+    def compute_loss(self, outputs: Dict[str, torch.Tensor], batch: dict) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
+        """Return (total loss, {term: scalar}) with terms named as in ``logged_terms``."""
+        raise NotImplementedError
+
+    def method_hyperparameters(self) -> dict:
+        """Class-level settings of the method and its budget, recorded in the log and in checkpoints."""
+        out = {}
+        for klass in reversed(type(self).__mro__):
+            if issubclass(klass, ContrastivePretrainTrainer):
+                out.update({k: v for k, v in vars(klass).items() if not k.startswith("_")
+                            and isinstance(v, (int, float, str, bool, tuple, dict, type(None)))})
+        return out
+
+    # ------------------------------------------------------------------ geometry helpers for methods
+    def feature_channels(self, where: str) -> int:
+        enc = self.network.encoder
+        if where == "bottleneck":
+            return int(enc.output_channels[-1])
+        stage = self.decoder_stage % len(self.network.decoder.stages)
+        return int(enc.output_channels[-(stage + 2)])
+
+    def decoder_stride(self) -> Tuple[int, ...]:
+        """Stride (per axis, in preprocessed voxels) of the decoder stage feeding dense heads."""
+        strides = encoder_strides(self.network)
+        stage = self.decoder_stage % len(self.network.decoder.stages)
+        return tuple(int(s) for s in strides[len(strides) - (stage + 2)])
+
+    # ------------------------------------------------------------------ set-up
+    def initialize(self):
+        if self.was_initialized:
+            raise RuntimeError("initialize() called twice")
+        self._set_batch_size_and_oversample()
+        if self.pairs_per_batch is not None:
+            self.batch_size = int(self.pairs_per_batch)
+        self.num_input_channels = determine_num_input_channels(self.plans_manager, self.configuration_manager,
+                                                               self.dataset_json)
+        self.network = self.build_network_architecture(
+            self.plans_manager, self.configuration_manager, self.num_input_channels,
+            self.label_manager.num_segmentation_heads, False).to(self.device)
+        self.heads = self.build_heads().to(self.device)
+        model = ContrastiveModel(self.network, self.heads, self.head_inputs, self.decoder_stage)
+        self.optimizer, self.lr_scheduler = self.configure_optimizers()
+        if self.is_ddp:
+            model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+            # decoder stages above decoder_stage and the segmentation layers get no gradient in pretraining
+            model = DDP(model, device_ids=[self.local_rank], find_unused_parameters=True)
+        self.model = model
+        self.loss = None
+        self.dataset_class = infer_dataset_class(self.preprocessed_dataset_folder)
+        self.was_initialized = True
+        self.print_to_log_file("pretraining hyper-parameters:", self.method_hyperparameters())
+        self.logger.update_config({"hparas": {"num_epochs": self.num_epochs, "batch_size": self.batch_size,
+                                              **{k: str(v) for k, v in self.method_hyperparameters().items()}}})
+
+    def _do_i_compile(self):
+        return False  # the pretraining forward is custom; compile is not worth its start-up here
+
+    def configure_optimizers(self):
+        params = list(self.network.parameters()) + list(self.heads.parameters())
+        optimizer = torch.optim.SGD(params, self.initial_lr, weight_decay=self.weight_decay, momentum=0.99,
+                                    nesterov=True)
+        return optimizer, PolyLRScheduler(optimizer, self.initial_lr, self.num_epochs)
+
+    def set_deep_supervision_enabled(self, enabled: bool):
+        unwrap(self.network).decoder.deep_supervision = enabled
+
+    def get_dataloaders(self):
+        if self.dataset_class is None:
+            self.dataset_class = infer_dataset_class(self.preprocessed_dataset_folder)
+        patch_size = self.configuration_manager.patch_size
+        rotation_for_DA, do_dummy_2d, initial_patch_size, mirror_axes = \
+            self.configure_rotation_dummyDA_mirroring_and_inital_patch_size()
+        spatial, intensity = self.get_pretraining_transforms(patch_size, rotation_for_DA, mirror_axes, do_dummy_2d)
+        # validation: same geometry, no intensity augmentation, so the loss is comparable across epochs
+        val_spatial, _ = self.get_pretraining_transforms(patch_size, rotation_for_DA, mirror_axes, do_dummy_2d)
+        from batchgeneratorsv2.transforms.utils.compose import ComposeTransforms
+        dataset_tr, dataset_val = self.get_tr_and_val_datasets()
+        common = dict(label_manager=self.label_manager, transpose_forward=self.plans_manager.transpose_forward,
+                      overlap_range=self.crop_overlap)
+        dl_tr = TwoViewDataLoader(dataset_tr, self.batch_size, initial_patch_size, patch_size,
+                                  spatial_transforms=spatial, intensity_transforms=intensity, **common)
+        dl_val = TwoViewDataLoader(dataset_val, self.batch_size, initial_patch_size, patch_size,
+                                   spatial_transforms=val_spatial, intensity_transforms=ComposeTransforms([]),
+                                   **common)
+        n_proc = get_allowed_n_proc_DA()
+        if n_proc == 0:
+            gen_tr, gen_val = SingleThreadedAugmenter(dl_tr, None), SingleThreadedAugmenter(dl_val, None)
+        else:
+            pin = self.device.type == "cuda"
+            gen_tr = NonDetMultiThreadedAugmenter(dl_tr, None, n_proc, max(6, n_proc // 2), None, pin, 0.002)
+            gen_val = NonDetMultiThreadedAugmenter(dl_val, None, max(1, n_proc // 2), max(3, n_proc // 4), None,
+                                                   pin, 0.002)
+        next(gen_tr)
+        next(gen_val)
+        return gen_tr, gen_val
+
+    def get_pretraining_transforms(self, patch_size, rotation_for_DA, mirror_axes, do_dummy_2d):
+        """nnU-Net's training augmentation (this trainer's own get_training_transforms), split into the spatial
+        part (image + coordinate channels) and the intensity part (image only)."""
+        transforms = self.get_training_transforms(
+            patch_size, rotation_for_DA, None, mirror_axes, do_dummy_2d,
+            use_mask_for_norm=self.configuration_manager.use_mask_for_norm, is_cascaded=False,
+            foreground_labels=self.label_manager.foreground_labels, regions=None, ignore_label=None)
+        return split_training_transforms(transforms)
+
+    # ------------------------------------------------------------------ steps
+    def _autocast(self):
+        if self.device.type == "cuda":
+            return torch.autocast("cuda", enabled=True)
+        return dummy_context()
+
+    def _step(self, batch: dict, train: bool) -> dict:
+        data = batch["data"].to(self.device, non_blocking=True)
+        if train:
+            self.optimizer.zero_grad(set_to_none=True)
+        with self._autocast():
+            outputs = self.model(data)
+        loss, terms = self.compute_loss(outputs, batch)  # losses compute in float32 themselves
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"non-finite pretraining loss ({loss.item()}) at epoch {self.current_epoch}; "
+                                     f"lower initial_lr or check the input data for NaNs")
+        if train:
+            params = [p for g in self.optimizer.param_groups for p in g["params"]]
+            if self.grad_scaler is not None:
+                self.grad_scaler.scale(loss).backward()
+                self.grad_scaler.unscale_(self.optimizer)
+                torch.nn.utils.clip_grad_norm_(params, self.grad_clip)
+                self.grad_scaler.step(self.optimizer)
+                self.grad_scaler.update()
+            else:
+                loss.backward()
+                torch.nn.utils.clip_grad_norm_(params, self.grad_clip)
+                self.optimizer.step()
+        out = {"loss": loss.detach().cpu().numpy()}
+        out.update({k: torch.as_tensor(v).detach().float().cpu().numpy() for k, v in terms.items()})
+        return out
+
+    def train_step(self, batch: dict) -> dict:
+        return self._step(batch, train=True)
+
+    def validation_step(self, batch: dict) -> dict:
+        return self._step(batch, train=False)
+
+    def on_train_epoch_start(self):
+        self.model.train()
+        super().on_train_epoch_start()
+        self.model.train()
+
+    def on_validation_epoch_start(self):
+        self.model.eval()
+
+    def _log_epoch(self, outputs: List[dict], prefix: str):
+        means = {k: float(np.mean([np.asarray(o[k]) for o in outputs])) for k in outputs[0]}
+        if self.is_ddp:
+            gathered = [None] * dist.get_world_size()
+            dist.all_gather_object(gathered, means)
+            means = {k: float(np.mean([g[k] for g in gathered])) for k in means}
+        self.logger.log(f"{prefix}_losses", means["loss"], self.current_epoch)
+        for t in self.logged_terms:
+            self.logger.log(f"{prefix}_{t}", means.get(t, float("nan")), self.current_epoch)
+
+    def on_train_epoch_end(self, train_outputs: List[dict]):
+        self._log_epoch(train_outputs, "train")
+
+    def on_validation_epoch_end(self, val_outputs: List[dict]):
+        self._log_epoch(val_outputs, "val")
+
+    def on_epoch_end(self):
+        self.logger.log("epoch_end_timestamps", time(), self.current_epoch)
+        lg = self.logger.get_value
+        ep = self.current_epoch
+        terms = ", ".join(f"{t} {lg('train_' + t, -1):.4g}/{lg('val_' + t, -1):.4g}" for t in self.logged_terms)
+        self.print_to_log_file(f"train_loss {lg('train_losses', -1):.4f}  val_loss {lg('val_losses', -1):.4f}")
+        if terms:
+            self.print_to_log_file(f"(train/val) {terms}")
+        self.print_to_log_file(f"Epoch time: {lg('epoch_end_timestamps', -1) - lg('epoch_start_timestamps', -1):.2f} s")
+        if (ep + 1) % self.save_every == 0 and ep != self.num_epochs - 1:
+            self.save_checkpoint(join(self.output_folder, "checkpoint_latest.pth"))
+        val = lg("val_losses", -1)
+        if np.isfinite(val) and (self.best_val_loss is None or val < self.best_val_loss):
+            self.best_val_loss = float(val)
+            self.print_to_log_file(f"New best validation contrastive loss: {val:.4f}")
+            self.save_checkpoint(join(self.output_folder, "checkpoint_best.pth"))
+        if self.local_rank == 0:
+            self.logger.plot_progress_png(self.output_folder)
+        self.current_epoch += 1
+
+    def perform_actual_validation(self, save_probabilities: bool = False):
+        # pretraining has no segmentation head worth evaluating: nnU-Net's final sliding-window validation is skipped
+        self.print_to_log_file("Pretraining run: skipping nnU-Net's segmentation validation. Fine-tune with "
+                               "nnUNetv2_train ... -pretrained_weights "
+                               f"{join(self.output_folder, 'checkpoint_final.pth')}")
+
+    # ------------------------------------------------------------------ checkpoints
+    def save_checkpoint(self, filename: str) -> None:
+        if self.local_rank != 0:
+            return
+        if self.disable_checkpointing:
+            self.print_to_log_file("No checkpoint written, checkpointing is disabled")
+            return
+        cpu = lambda sd: {k: v.detach().cpu().clone() for k, v in sd.items()}  # noqa: E731
+        checkpoint = {
+            # the full U-Net (decoder and seg layers included): what stock -pretrained_weights requires
+            "network_weights": cpu(unwrap(self.network).state_dict()),
+            "ssl_heads": cpu(self.heads.state_dict()),
+            "ssl_method": {"trainer": self.__class__.__name__, **{k: repr(v) for k, v in
+                                                                  self.method_hyperparameters().items()}},
+            "ssl_extra_state": self.extra_checkpoint_state(),
+            "optimizer_state": self.optimizer.state_dict(),
+            "grad_scaler_state": self.grad_scaler.state_dict() if self.grad_scaler is not None else None,
+            "logging": self.logger.get_checkpoint(),
+            "_best_ema": None,
+            "ssl_best_val_loss": self.best_val_loss,
+            "current_epoch": self.current_epoch + 1,
+            "init_args": self.my_init_kwargs,
+            "trainer_name": self.__class__.__name__,
+            "inference_allowed_mirroring_axes": self.inference_allowed_mirroring_axes,
+        }
+        atomic_torch_save(checkpoint, filename)
+
+    def extra_checkpoint_state(self) -> dict:
+        """Method state beyond network and heads (momentum encoders, queues); restored by load_extra_state."""
+        return {}
+
+    def load_extra_state(self, state: dict) -> None:
+        pass
+
+    def load_checkpoint(self, filename_or_checkpoint) -> None:
+        if not self.was_initialized:
+            self.initialize()
+        ckpt = load_checkpoint_file(filename_or_checkpoint, self.device) \
+            if isinstance(filename_or_checkpoint, str) else filename_or_checkpoint
+        if "ssl_heads" not in ckpt:
+            raise ValueError("checkpoint was not written by an nnunet_ssl pretraining trainer (no 'ssl_heads'); "
+                             "use -pretrained_weights to start from other weights")
+        unwrap(self.network).load_state_dict(ckpt["network_weights"])
+        self.heads.load_state_dict(ckpt["ssl_heads"])
+        self.load_extra_state(ckpt.get("ssl_extra_state", {}))
+        self.optimizer.load_state_dict(ckpt["optimizer_state"])
+        if self.grad_scaler is not None and ckpt.get("grad_scaler_state") is not None:
+            self.grad_scaler.load_state_dict(ckpt["grad_scaler_state"])
+        self.logger.load_checkpoint(ckpt["logging"])
+        self.my_init_kwargs = ckpt["init_args"]
+        self.current_epoch = ckpt["current_epoch"]
+        self.best_val_loss = ckpt.get("ssl_best_val_loss")
+        self.inference_allowed_mirroring_axes = ckpt.get("inference_allowed_mirroring_axes",
+                                                         self.inference_allowed_mirroring_axes)

@@ -1,0 +1,300 @@
+import itertools
+
+import pytest
+import torch
+
+from nnunet_ssl.core.correspondence import downsample_coords, gather_at, sample_correspondences
+
+
+def _grid(shape, offset=(0.0, 0.0, 0.0)):
+    """(3, *shape) map holding each voxel's own index (padded to 3 components) plus offset."""
+    axes = [torch.arange(s, dtype=torch.float32) for s in shape]
+    mesh = list(torch.meshgrid(*axes, indexing="ij"))
+    while len(mesh) < 3:
+        mesh.append(torch.zeros(shape))
+    return torch.stack(mesh) + torch.tensor(offset, dtype=torch.float32).view(3, *([1] * len(shape)))
+
+
+def _flipped_shifted(shape, axis, shift, offset):
+    """View b: voxel u shows the position of view-a voxel (flip_axis(u) + shift)."""
+    g = _grid(shape, offset)
+    g = torch.flip(g, dims=[1 + axis])
+    g[axis] = g[axis] + shift
+    return g
+
+
+def _expected_b_index(coords_a, coords_b, valid_b):
+    """For each a voxel (flat index), the flat index of the b voxel showing exactly its position."""
+    pa = coords_a.reshape(3, -1).t().tolist()
+    pb = coords_b.reshape(3, -1).t().tolist()
+    vb = valid_b.reshape(-1).tolist()
+    lookup = {tuple(p): j for j, p in enumerate(pb) if vb[j]}
+    return [lookup.get(tuple(p), -1) for p in pa]
+
+
+def _build_case(shape, seed, p_valid=0.8):
+    g = torch.Generator().manual_seed(seed)
+    nd = len(shape)
+    items = [(0, 2, (100.0, 50.0, 7.0)), (nd - 1, -1, (3.0, 200.0, 40.0))]
+    ca, cb, va, vb = [], [], [], []
+    for axis, shift, offset in items:
+        ca.append(_grid(shape, offset))
+        cb.append(_flipped_shifted(shape, axis, shift, offset))
+        va.append(torch.rand(shape, generator=g) < p_valid)
+        vb.append(torch.rand(shape, generator=g) < p_valid)
+    return torch.stack(ca), torch.stack(va), torch.stack(cb), torch.stack(vb)
+
+
+def _check_exact(out, ca, va, cb, vb, k, expect_full=None):
+    bsz = ca.shape[0]
+    for key in ("index_a", "index_b", "mask", "distance"):
+        assert out[key].shape == (bsz, k)
+    assert out["index_a"].dtype == torch.long and out["index_b"].dtype == torch.long
+    assert out["mask"].dtype == torch.bool
+    for b in range(bsz):
+        expected = _expected_b_index(ca[b], cb[b], vb[b])
+        va_flat = va[b].reshape(-1)
+        matched = [i for i, j in enumerate(expected) if j >= 0 and va_flat[i]]
+        m = out["mask"][b]
+        ia = out["index_a"][b][m].tolist()
+        ib = out["index_b"][b][m].tolist()
+        assert len(set(ia)) == len(ia), "index_a must be distinct"
+        for i, j in zip(ia, ib):
+            assert va_flat[i]
+            assert vb[b].reshape(-1)[j]
+            assert expected[i] == j
+        assert torch.all(out["distance"][b][m].abs() < 1e-4)
+        # Valid slots come first (topk ordering) and the count is as large as possible.
+        n_ok = int(m.sum())
+        assert bool(m[:n_ok].all()) and not bool(m[n_ok:].any())
+        if expect_full:
+            assert n_ok == min(k, len(matched))
+
+
+@pytest.mark.parametrize("shape", [(6, 5, 4), (9, 7)])
+def test_flip_shift_exact_all_candidates(shape):
+    ca, va, cb, vb = _build_case(shape, seed=0)
+    k = 20
+    out = sample_correspondences(ca, va, cb, vb, k, tolerance=0.5, candidate_factor=None,
+                                 generator=torch.Generator().manual_seed(1))
+    _check_exact(out, ca, va, cb, vb, k, expect_full=True)
+    assert out["mask"].all()
+
+
+@pytest.mark.parametrize("shape", [(6, 5, 4), (9, 7)])
+def test_flip_shift_exact_default_candidates(shape):
+    ca, va, cb, vb = _build_case(shape, seed=2)
+    k = 8
+    out = sample_correspondences(ca, va, cb, vb, k, tolerance=0.5,
+                                 generator=torch.Generator().manual_seed(3))
+    _check_exact(out, ca, va, cb, vb, k)
+    assert out["mask"].sum() > 0
+
+
+def test_axis_permutation_3d():
+    # View b is view a transposed in (y, z): voxel (x, y, z) of b shows a's (x, z, y).
+    shape = (4, 5, 5)
+    ca = _grid(shape, (10.0, 20.0, 30.0))[None]
+    cb = ca.transpose(3, 4).contiguous()
+    va = torch.ones(1, *shape, dtype=torch.bool)
+    vb = va.clone()
+    k = 4 * 5 * 5
+    out = sample_correspondences(ca, va, cb, vb, k, tolerance=0.1, candidate_factor=None)
+    assert out["mask"].all()
+    ia, ib = out["index_a"][0], out["index_b"][0]
+    x, y, z = ia // 25, (ia // 5) % 5, ia % 5
+    assert torch.equal(ib, x * 25 + z * 5 + y)
+    assert sorted(ia.tolist()) == list(range(k))
+
+
+def test_too_few_valid_voxels_masked():
+    shape = (5, 5, 5)
+    ca = _grid(shape)[None].repeat(2, 1, 1, 1, 1)
+    cb = ca.clone()
+    va = torch.zeros(2, *shape, dtype=torch.bool)
+    va[0, 1, 2, 3] = va[0, 4, 4, 4] = va[0, 0, 0, 0] = True  # 3 valid a voxels in item 0
+    vb = torch.ones(2, *shape, dtype=torch.bool)
+    vb[1] = False  # item 1: nothing valid in view b
+    va[1] = True
+    out = sample_correspondences(ca, va, cb, vb, 10, tolerance=0.5)
+    assert out["mask"][0].sum() == 3
+    assert sorted(out["index_a"][0][out["mask"][0]].tolist()) == [0, 1 * 25 + 2 * 5 + 3, 124]
+    assert torch.equal(out["index_a"][0][out["mask"][0]], out["index_b"][0][out["mask"][0]])
+    assert not out["mask"][1].any()
+
+
+def test_more_samples_than_voxels_pads():
+    shape = (2, 3)
+    ca = _grid(shape)[None]
+    out = sample_correspondences(ca, torch.ones(1, *shape, dtype=torch.bool), ca.clone(),
+                                 torch.ones(1, *shape, dtype=torch.bool), 10, tolerance=0.5)
+    assert out["mask"].shape == (1, 10)
+    assert out["mask"].sum() == 6
+    m = out["mask"][0]
+    assert torch.equal(out["index_a"][0][m], out["index_b"][0][m])
+
+
+def test_tolerance_respected():
+    shape = (4, 4, 4)
+    ca = _grid(shape, (5.0, 5.0, 5.0))[None]
+    cb = ca + 0.3
+    v = torch.ones(1, *shape, dtype=torch.bool)
+    out = sample_correspondences(ca, v, cb, v.clone(), 16, tolerance=0.3 * 3 ** 0.5 - 1e-3)
+    assert not out["mask"].any()
+    out = sample_correspondences(ca, v, cb, v.clone(), 16, tolerance=0.6)
+    assert out["mask"].all()
+    assert torch.equal(out["index_a"], out["index_b"])
+    torch.testing.assert_close(out["distance"], torch.full((1, 16), 0.3 * 3 ** 0.5))
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_matches_brute_force_nearest(seed):
+    g = torch.Generator().manual_seed(seed)
+    bsz, shape = 3, (6, 5, 4)
+    n = 6 * 5 * 4
+    ca = torch.rand(bsz, 3, *shape, generator=g) * 6 + 40
+    cb = torch.rand(bsz, 3, *shape, generator=g) * 6 + 40
+    va = torch.rand(bsz, *shape, generator=g) < 0.7
+    vb = torch.rand(bsz, *shape, generator=g) < 0.7
+    tol, k = 0.8, 15
+    out = sample_correspondences(ca, va, cb, vb, k, tol, generator=g, candidate_factor=None)
+    pa = ca.reshape(bsz, 3, n).transpose(1, 2).double()
+    pb = cb.reshape(bsz, 3, n).transpose(1, 2).double()
+    d = torch.cdist(pa, pb).masked_fill(~vb.reshape(bsz, 1, n), float("inf"))
+    dmin, amin = d.min(dim=2)
+    for b in range(bsz):
+        matched = va.reshape(bsz, n)[b] & (dmin[b] <= tol)
+        m = out["mask"][b]
+        assert int(m.sum()) == min(k, int(matched.sum()))
+        ia, ib = out["index_a"][b][m], out["index_b"][b][m]
+        assert matched[ia].all()
+        assert torch.equal(ib, amin[b][ia])
+        torch.testing.assert_close(out["distance"][b][m].double(), dmin[b][ia], rtol=1e-5, atol=1e-5)
+        assert len(set(ia.tolist())) == len(ia)
+
+
+def test_invalid_voxels_with_nonfinite_coords_ignored():
+    shape = (4, 4)
+    ca = _grid(shape)[None]
+    cb = ca.clone()
+    va = torch.ones(1, *shape, dtype=torch.bool)
+    vb = va.clone()
+    va[0, 0] = False
+    vb[0, 3] = False
+    ca[0, :, 0] = float("nan")
+    cb[0, :, 3] = float("inf")
+    out = sample_correspondences(ca, va, cb, vb, 16, tolerance=0.5, candidate_factor=None)
+    m = out["mask"][0]
+    assert int(m.sum()) == 8  # rows 1 and 2
+    assert torch.equal(out["index_a"][0][m], out["index_b"][0][m])
+    assert set((out["index_a"][0][m] // 4).tolist()) == {1, 2}
+
+
+def test_generator_reproducible_and_random():
+    ca, va, cb, vb = _build_case((6, 6, 6), seed=4)
+    o1 = sample_correspondences(ca, va, cb, vb, 5, 0.5, generator=torch.Generator().manual_seed(7))
+    o2 = sample_correspondences(ca, va, cb, vb, 5, 0.5, generator=torch.Generator().manual_seed(7))
+    o3 = sample_correspondences(ca, va, cb, vb, 5, 0.5, generator=torch.Generator().manual_seed(8))
+    for key in o1:
+        assert torch.equal(o1[key], o2[key])
+    assert not torch.equal(o1["index_a"], o3["index_a"])
+
+
+def test_gather_at():
+    fm = torch.arange(2 * 3 * 4 * 5, dtype=torch.float32).reshape(2, 3, 4, 5)
+    idx = torch.tensor([[0, 7, 19], [3, 3, 12]])
+    out = gather_at(fm, idx)
+    assert out.shape == (2, 3, 3)
+    for b, k in itertools.product(range(2), range(3)):
+        i = idx[b, k].item()
+        torch.testing.assert_close(out[b, k], fm[b, :, i // 5, i % 5])
+    fm3 = torch.randn(2, 4, 3, 4, 5, requires_grad=True)
+    out3 = gather_at(fm3, idx)
+    torch.testing.assert_close(out3[1, 2], fm3[1, :, 0, 2, 2])
+    out3.sum().backward()
+    assert fm3.grad.sum() == 2 * 3 * 4
+
+
+def _affine_field(shape, seed):
+    g = torch.Generator().manual_seed(seed)
+    nd = len(shape)
+    A = torch.randn(3, nd, generator=g, dtype=torch.float64)
+    t = torch.randn(3, generator=g, dtype=torch.float64) * 10
+    axes = [torch.arange(s, dtype=torch.float64) for s in shape]
+    idx = torch.stack(torch.meshgrid(*axes, indexing="ij"))  # (nd, *shape)
+    return torch.einsum("cd,d...->c...", A, idx) + t.view(3, *([1] * nd)), A, t
+
+
+@pytest.mark.parametrize("shape,factor", [((8, 6, 4), (2, 2, 1)), ((8, 6, 4), (1, 3, 2)), ((6, 9), (2, 3))])
+def test_downsample_coords_affine_exact(shape, factor):
+    field, A, t = _affine_field(shape, seed=len(shape))
+    coords = field[None].float()
+    valid = torch.ones(1, *shape, dtype=torch.bool)
+    c2, v2 = downsample_coords(coords, valid, factor)
+    out_shape = tuple(s // f for s, f in zip(shape, factor))
+    assert c2.shape == (1, 3, *out_shape) and v2.shape == (1, *out_shape)
+    assert v2.all()
+    # Block centre of output voxel j is j * f + (f - 1) / 2 in input index space.
+    axes = [torch.arange(s, dtype=torch.float64) * f + (f - 1) / 2 for s, f in zip(out_shape, factor)]
+    centres = torch.stack(torch.meshgrid(*axes, indexing="ij"))
+    expected = torch.einsum("cd,d...->c...", A, centres) + t.view(3, *([1] * len(shape)))
+    torch.testing.assert_close(c2[0].double(), expected, rtol=0, atol=1e-4)
+
+
+def test_downsample_valid_requires_whole_block():
+    valid = torch.ones(1, 4, 4, 4, dtype=torch.bool)
+    valid[0, 0, 0, 0] = False
+    valid[0, 3, 2, 1] = False
+    coords = _grid((4, 4, 4))[None]
+    _, v2 = downsample_coords(coords, valid, (2, 2, 2))
+    expected = torch.ones(1, 2, 2, 2, dtype=torch.bool)
+    expected[0, 0, 0, 0] = False
+    expected[0, 1, 1, 0] = False
+    assert torch.equal(v2, expected)
+
+
+def test_downsample_partial_block_uses_covered_voxels():
+    coords = _grid((5, 4))[None]
+    valid = torch.ones(1, 5, 4, dtype=torch.bool)
+    c2, v2 = downsample_coords(coords, valid, (2, 2))
+    assert c2.shape == (1, 3, 3, 2)
+    # Last row block covers only input row 4.
+    torch.testing.assert_close(c2[0, 0, 2], torch.tensor([4.0, 4.0]))
+    torch.testing.assert_close(c2[0, 1, 2], torch.tensor([0.5, 2.5]))
+    assert v2.all()
+
+
+def test_invalid_b_voxels_never_matched_even_at_origin():
+    # Invalid b voxels must not be matched, even where their stored coordinate coincides
+    # exactly with an a voxel (here: b shows the same grid, with the origin region invalid).
+    shape = (3, 3, 3)
+    ca = _grid(shape)[None]
+    cb = ca.clone()
+    va = torch.ones(1, *shape, dtype=torch.bool)
+    vb = torch.ones(1, *shape, dtype=torch.bool)
+    vb[0, 0] = False  # the x = 0 slab of view b
+    out = sample_correspondences(ca, va, cb, vb, 27, tolerance=1.01, candidate_factor=None)
+    m = out["mask"][0]
+    assert int(m.sum()) == 27  # every a voxel has a valid b voxel within one voxel
+    ia, ib = out["index_a"][0][m], out["index_b"][0][m]
+    assert vb.reshape(-1)[ib].all()
+    # x = 0 voxels map to their x = 1 neighbour, others to themselves.
+    expected = torch.where(ia // 9 == 0, ia + 9, ia)
+    assert torch.equal(ib, expected)
+    torch.testing.assert_close(out["distance"][0][m], (ia // 9 == 0).float())
+
+
+def test_small_overlap_still_filled_with_few_candidates():
+    # Views overlap in 2 of 20 slabs; restricting candidates to view b's extent keeps
+    # the hit rate high even with candidate_factor=1.
+    shape = (20, 10, 10)
+    ca = _grid(shape)[None]
+    cb = ca.clone()
+    cb[:, 0] += 18.0
+    v = torch.ones(1, *shape, dtype=torch.bool)
+    out = sample_correspondences(ca, v, cb, v.clone(), 32, tolerance=0.5, candidate_factor=1.0,
+                                 generator=torch.Generator().manual_seed(0))
+    assert out["mask"].all()
+    ia, ib = out["index_a"][0], out["index_b"][0]
+    assert (ia // 100 >= 18).all()
+    assert torch.equal(ib, ia - 1800)

@@ -1,0 +1,64 @@
+"""Spade pretraining (Zhang et al., 2022, "Keep Your Friends Close & Enemies Farther")."""
+import torch
+from torch import nn
+
+from nnunet_ssl.core.heads import DenseProjectionHead, GlobalProjectionHead
+from nnunet_ssl.core.objectives import dense_correspondence_loss, spade_global_loss
+from nnunet_ssl.nnunet.engine import ContrastivePretrainTrainer
+
+
+class SpadePretrainTrainer(ContrastivePretrainTrainer):
+    """Global (crop-level, invariant) + local (dense, equivariant) contrast with spatial-prior pair selection.
+
+    Distances are Euclidean in the canonical frame (each case's original image extent mapped to [0,1]^3).
+    Labels are never read. Defaults are meant for a GPU run on standard nnU-Net plans."""
+
+    # global branch: bottleneck -> GAP -> MLP -> unit embedding; positives: other view or centre within r_pos
+    r_pos = 0.1          # canonical distance below which crops of any case are positives
+    r_neg = 0.3          # canonical distance above which crops are negatives (band in between: excluded)
+    temperature_global = 0.1
+    global_hidden_dim = 512
+    global_out_dim = 128
+    # local branch: decoder stage (engine's decoder_stage) -> 1x1x1 projection -> unit voxel embeddings
+    local_samples = 128  # K voxel pairs per crop, drawn in the overlap of its two views
+    r_local_neg = 0.1    # canonical distance above which sampled voxels are negatives (nearer: excluded)
+    temperature_local = 0.1
+    local_out_dim = 64
+    local_match_tolerance = 1.0  # max distance (feature voxels) between matched voxel positions
+    lambda_global = 1.0
+    lambda_local = 1.0
+
+    head_inputs = {"global": "bottleneck", "local": "decoder"}
+    logged_terms = ("global", "local", "mean_pos_global", "mean_neg_global", "mean_pos_local", "mean_neg_local")
+
+    def build_heads(self) -> nn.ModuleDict:
+        dim = len(self.configuration_manager.patch_size)
+        return nn.ModuleDict({
+            "global": GlobalProjectionHead(self.feature_channels("bottleneck"), self.global_hidden_dim,
+                                           self.global_out_dim),
+            "local": DenseProjectionHead(self.feature_channels("decoder"), self.local_out_dim, dim=dim),
+        })
+
+    def compute_loss(self, outputs, batch):
+        dev = self.device
+        centers = batch["canonical_center"].to(dev)
+        sample_index = batch["sample_index"].to(dev)
+        l_g, s_g = spade_global_loss(outputs["global"], centers, sample_index, self.r_pos, self.r_neg,
+                                     self.temperature_global)
+        l_l, s_l = dense_correspondence_loss(
+            outputs["local"], batch["coords"], batch["valid"], batch["canonical_scale"],
+            batch["canonical_offset"], sample_index, self.decoder_stride(), self.local_samples,
+            self.local_match_tolerance, self.r_local_neg, self.temperature_local)
+        loss = self.lambda_global * l_g + self.lambda_local * l_l
+        return loss, {"global": l_g, "local": l_l, "mean_pos_global": s_g["mean_pos"],
+                      "mean_neg_global": s_g["mean_neg"], "mean_pos_local": s_l["mean_pos"],
+                      "mean_neg_local": s_l["mean_neg"]}
+
+
+class SpadePretrainTrainer_cpu(SpadePretrainTrainer):
+    """Short budget for CPU machines (minutes, not days); pair with a small-network plan."""
+    num_epochs = 20
+    num_iterations_per_epoch = 25
+    num_val_iterations_per_epoch = 4
+    save_every = 5
+    local_samples = 64
