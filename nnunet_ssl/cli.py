@@ -26,10 +26,14 @@ def _cmd_plan(args) -> int:
 
 
 def _cmd_demo(args) -> int:
-    from nnunet_ssl.demo import run_demo
-    run_demo(work_dir=args.work_dir, dataset=args.dataset, labeled=args.labeled, device=args.device,
-             seed=args.seed, pretrain_trainer=args.pretrain_trainer, finetune_trainer=args.finetune_trainer,
-             planner=args.planner, configuration=args.c)
+    from nnunet_ssl.demo import QUICK, run_demo
+    kwargs = dict(labeled=args.labeled, pretrain_trainer=args.pretrain_trainer,
+                  finetune_trainer=args.finetune_trainer, planner=args.planner)
+    kwargs = {k: v for k, v in kwargs.items() if v is not None}
+    if args.quick:
+        kwargs = {**QUICK, **kwargs}
+    run_demo(work_dir=args.work_dir, dataset=args.dataset, device=args.device, seed=args.seed,
+             configuration=args.c, **kwargs)
     return 0
 
 
@@ -61,13 +65,15 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--dataset", type=int, default=None,
                    help="run on this existing nnU-Net raw dataset (from nnUNet_raw) instead of the phantom")
     s.add_argument("--work-dir", default="nnunet_ssl_demo", help="all outputs go here (default: ./nnunet_ssl_demo)")
-    s.add_argument("--labeled", type=int, default=5, help="labelled cases for fine-tuning (default 5)")
+    s.add_argument("--labeled", type=int, default=None, help="labelled cases for fine-tuning (default 5)")
+    s.add_argument("--quick", action="store_true",
+                   help="smoke-test scale: tiny network and phantom, 2-epoch trainers (about a minute)")
     s.add_argument("--device", default="cpu", choices=["cpu", "cuda", "mps"])
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("-c", default="3d_fullres", help="configuration (default 3d_fullres)")
-    s.add_argument("--planner", default="nnUNetPlannerSmall")
-    s.add_argument("--pretrain-trainer", default="SpadePretrainTrainer_cpu")
-    s.add_argument("--finetune-trainer", default="nnUNetTrainerFinetune_cpu")
+    s.add_argument("--planner", default=None, help="default nnUNetPlannerSmall")
+    s.add_argument("--pretrain-trainer", default=None, help="default SpadePretrainTrainer_cpu")
+    s.add_argument("--finetune-trainer", default=None, help="default nnUNetTrainerFinetune_cpu")
     s.set_defaults(func=_cmd_demo)
     return p
 

@@ -10,6 +10,7 @@ Finished steps are skipped when the demo is run again with the same work dir.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import random
@@ -22,6 +23,11 @@ from nnunet_ssl import pipeline
 
 PHANTOM_ID = 990
 PHANTOM_NAME = "SSLPhantom"
+
+# --quick: the same pipeline at smoke-test scale (about a minute on a 2-core CPU; numbers are meaningless)
+QUICK = dict(planner="nnUNetPlannerTiny", pretrain_trainer="SpadePretrainTrainer_smoke",
+             finetune_trainer="nnUNetTrainerFinetune_smoke", num_train=10, num_test=3, labeled=3, num_val=2,
+             phantom_shape=(32, 32, 32))
 
 
 def _log(msg: str, t0: float) -> None:
@@ -49,7 +55,8 @@ def run_demo(work_dir: str = "nnunet_ssl_demo", dataset: Optional[int] = None, l
              num_val: int = 3, device: str = "cpu", configuration: str = "3d_fullres",
              planner: str = "nnUNetPlannerSmall", pretrain_trainer: str = "SpadePretrainTrainer_cpu",
              finetune_trainer: str = "nnUNetTrainerFinetune_cpu", num_train: int = 40, num_test: int = 10,
-             test_fraction: float = 0.25, seed: int = 0, num_processes: int = 2) -> Dict:
+             test_fraction: float = 0.25, seed: int = 0, num_processes: int = 2,
+             phantom_shape=(48, 48, 48)) -> Dict:
     t0 = time.time()
     work = Path(work_dir).resolve()
     work.mkdir(parents=True, exist_ok=True)
@@ -64,7 +71,8 @@ def run_demo(work_dir: str = "nnunet_ssl_demo", dataset: Optional[int] = None, l
         ds_dir = raw / f"Dataset{PHANTOM_ID:03d}_{PHANTOM_NAME}"
         if not (ds_dir / "dataset.json").exists():
             _log(f"generating phantom dataset: {num_train} pool + {num_test} test cases -> {ds_dir}", t0)
-            make_phantom_dataset(raw, PHANTOM_ID, PHANTOM_NAME, num_train=num_train, num_test=num_test, seed=seed)
+            make_phantom_dataset(raw, PHANTOM_ID, PHANTOM_NAME, num_train=num_train, num_test=num_test,
+                                 shape=phantom_shape, seed=seed)
         dataset = PHANTOM_ID
     else:
         raw_env = os.environ.get("nnUNet_raw")
@@ -109,10 +117,12 @@ def run_demo(work_dir: str = "nnunet_ssl_demo", dataset: Optional[int] = None, l
     plans_file = preprocessed / ds_dir.name / f"{plans_id}.json" if plans_id else None
     if plans_file is None or not plans_file.exists() or not (preprocessed / ds_dir.name /
                                                              f"{plans_id}_{configuration}").is_dir():
-        _log(f"planning ({planner}) and preprocessing {configuration} ...", t0)
+        _log(f"planning ({planner}) and preprocessing {configuration} (log: {work / 'logs' / 'plan.log'}) ...", t0)
         os.environ.update({"nnUNet_raw": str(raw), "nnUNet_preprocessed": str(preprocessed)})
         from nnunet_ssl.nnunet.planning import plan_and_preprocess
-        plans_id = plan_and_preprocess(dataset, planner, [configuration], num_processes)
+        (work / "logs").mkdir(exist_ok=True)
+        with open(work / "logs" / "plan.log", "w") as log, contextlib.redirect_stdout(log):
+            plans_id = plan_and_preprocess(dataset, planner, [configuration], num_processes)
         plans_file = preprocessed / ds_dir.name / f"{plans_id}.json"
     # fold 0: fine-tuning on the labelled cases; fold 1: pretraining on the whole pool (labels unused)
     pipeline.write_splits(preprocessed / ds_dir.name, [{"train": labeled_cases, "val": val_cases},

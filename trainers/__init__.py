@@ -2,10 +2,11 @@
 
 Every public class here is found by ``nnUNetv2_train -tr NAME`` through the discovery hook.
 """
-from nnunet_ssl.trainers.finetune import nnUNetTrainerFinetune, nnUNetTrainerFinetune_cpu
-from nnunet_ssl.trainers.spade import SpadePretrainTrainer, SpadePretrainTrainer_cpu
+from nnunet_ssl.trainers.finetune import nnUNetTrainerFinetune, nnUNetTrainerFinetune_cpu, nnUNetTrainerFinetune_smoke
+from nnunet_ssl.trainers.spade import SpadePretrainTrainer, SpadePretrainTrainer_cpu, SpadePretrainTrainer_smoke
 
-PRETRAINING_TRAINERS = {c.__name__: c for c in (SpadePretrainTrainer, SpadePretrainTrainer_cpu)}
+PRETRAINING_TRAINERS = {c.__name__: c for c in (SpadePretrainTrainer, SpadePretrainTrainer_cpu,
+                                                SpadePretrainTrainer_smoke)}
 
-__all__ = ["SpadePretrainTrainer", "SpadePretrainTrainer_cpu", "nnUNetTrainerFinetune", "nnUNetTrainerFinetune_cpu",
-           "PRETRAINING_TRAINERS"]
+__all__ = ["SpadePretrainTrainer", "SpadePretrainTrainer_cpu", "SpadePretrainTrainer_smoke", "nnUNetTrainerFinetune",
+           "nnUNetTrainerFinetune_cpu", "nnUNetTrainerFinetune_smoke", "PRETRAINING_TRAINERS"]

@@ -32,3 +32,11 @@ class nnUNetTrainerFinetune_cpu(nnUNetTrainerFinetune):
     warmup_epochs = 5
     num_iterations_per_epoch = 25
     num_val_iterations_per_epoch = 5
+
+
+class nnUNetTrainerFinetune_smoke(nnUNetTrainerFinetune):
+    """2 epochs x 2 iterations: set-up check only."""
+    num_epochs = 2
+    warmup_epochs = 1
+    num_iterations_per_epoch = 2
+    num_val_iterations_per_epoch = 1

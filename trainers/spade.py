@@ -62,3 +62,12 @@ class SpadePretrainTrainer_cpu(SpadePretrainTrainer):
     num_val_iterations_per_epoch = 4
     save_every = 5
     local_samples = 64
+
+
+class SpadePretrainTrainer_smoke(SpadePretrainTrainer):
+    """2 epochs x 2 iterations: checks that a dataset and set-up work end to end (not a useful pretraining)."""
+    num_epochs = 2
+    num_iterations_per_epoch = 2
+    num_val_iterations_per_epoch = 1
+    save_every = 1
+    local_samples = 32
