@@ -37,6 +37,12 @@ def _cmd_demo(args) -> int:
     return 0
 
 
+def _cmd_bench_speed(args) -> int:
+    _require_env("nnUNet_raw", "nnUNet_preprocessed")
+    from nnunet_ssl.bench import main_bench
+    return main_bench(args)
+
+
 def _require_env(*names: str) -> None:
     missing = [n for n in names if not os.environ.get(n)]
     if missing:
@@ -75,6 +81,17 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--pretrain-trainer", default=None, help="default SpadePretrainTrainer_cpu")
     s.add_argument("--finetune-trainer", default=None, help="default nnUNetTrainerFinetune_cpu")
     s.set_defaults(func=_cmd_demo)
+
+    s = sub.add_parser("bench-speed", help="per-step time of pretraining trainers vs a stock nnUNetTrainer step")
+    s.add_argument("-d", required=True, help="dataset id or name (planned and preprocessed)")
+    s.add_argument("-c", default="3d_fullres")
+    s.add_argument("-p", default="nnUNetPlans")
+    s.add_argument("-tr", nargs="+", default=["nnUNetTrainer", "SpadePretrainTrainer"],
+                   help="trainers; the first is the reference (default: nnUNetTrainer SpadePretrainTrainer)")
+    s.add_argument("--iterations", type=int, default=10)
+    s.add_argument("--device", default="cpu")
+    s.add_argument("--json", default=None, help="also write the report here")
+    s.set_defaults(func=_cmd_bench_speed)
     return p
 
 

@@ -56,7 +56,7 @@ def run_demo(work_dir: str = "nnunet_ssl_demo", dataset: Optional[int] = None, l
              planner: str = "nnUNetPlannerSmall", pretrain_trainer: str = "SpadePretrainTrainer_cpu",
              finetune_trainer: str = "nnUNetTrainerFinetune_cpu", num_train: int = 40, num_test: int = 10,
              test_fraction: float = 0.25, seed: int = 0, num_processes: int = 2,
-             phantom_shape=(48, 48, 48)) -> Dict:
+             phantom_shape=(40, 40, 40)) -> Dict:
     t0 = time.time()
     work = Path(work_dir).resolve()
     work.mkdir(parents=True, exist_ok=True)

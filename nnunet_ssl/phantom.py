@@ -71,12 +71,12 @@ _TEXTURE_AMPLITUDE = np.array([0.0, 0.03, 0.03, 0.05, 0.07, 0.015, 0.02, 0.03, 0
 _BODY_RADII = (0.80, 0.74, 0.86)
 _FAT_RIM = 0.88  # normalized body radius beyond which tissue is fat
 _ELLIPSOIDS = {  # name: (center, radii)
-    "liver": ((0.15, -0.05, -0.42), (0.36, 0.38, 0.30)),
-    "spleen": ((0.28, 0.12, 0.50), (0.22, 0.20, 0.16)),
-    "stomach": ((-0.38, -0.25, 0.22), (0.24, 0.22, 0.26)),
+    "liver": ((0.15, -0.05, -0.40), (0.50, 0.52, 0.42)),
+    "spleen": ((0.30, 0.12, 0.50), (0.32, 0.29, 0.24)),
+    "stomach": ((-0.40, -0.25, 0.22), (0.33, 0.30, 0.35)),
 }
 _STOMACH_LUMEN = 0.62  # inner normalized radius of the stomach wall
-_AORTA_TPL = dict(y=0.27, x=0.08, radius=0.13, curve=0.05, z_center=0.05, z_half=0.65)
+_AORTA_TPL = dict(y=0.27, x=0.08, radius=0.16, curve=0.05, z_center=0.05, z_half=0.65)
 _VERTEBRA_TPL = dict(y=0.53, x=0.0, radii=(0.13, 0.11), z_half=0.85)
 
 _MAX_ATTEMPTS = 100

@@ -55,12 +55,22 @@ class SpadePretrainTrainer(ContrastivePretrainTrainer):
                       "mean_neg_local": s_l["mean_neg"]}
 
 
+    def on_train_epoch_end(self, train_outputs):
+        super().on_train_epoch_end(train_outputs)
+        if self.logger.get_value("train_mean_neg_global", -1) < 0.5:
+            # typical when the patch covers most of each volume: every crop centre is within r_neg of the others
+            self.print_to_log_file(f"WARNING: the global branch found (almost) no negatives: crop centres lie within "
+                                   f"r_neg={self.r_neg} of each other; use smaller r_pos/r_neg for this dataset")
+
+
 class SpadePretrainTrainer_cpu(SpadePretrainTrainer):
-    """Short budget for CPU machines (minutes, not days); pair with a small-network plan."""
+    """Short budget for CPU machines (minutes, not days); pair with a small-network plan (nnUNetPlannerSmall)."""
     num_epochs = 20
     num_iterations_per_epoch = 25
     num_val_iterations_per_epoch = 4
     save_every = 5
+    crop_scale = 0.6
+    pairs_per_batch = 4
     local_samples = 64
 
 

@@ -24,11 +24,13 @@ import torch
 from batchgenerators.dataloading.nondet_multi_threaded_augmenter import NonDetMultiThreadedAugmenter
 from batchgenerators.dataloading.single_threaded_augmenter import SingleThreadedAugmenter
 from batchgenerators.utilities.file_and_folder_operations import join
+from batchgeneratorsv2.transforms.utils.compose import ComposeTransforms
 from torch import nn
 from torch import distributed as dist
 from torch._dynamo import OptimizedModule
 from torch.nn.parallel import DistributedDataParallel as DDP
 
+from nnunetv2.training.data_augmentation.compute_initial_patch_size import get_patch_size
 from nnunetv2.training.dataloading.nnunet_dataset import infer_dataset_class
 from nnunetv2.training.logging.nnunet_logger import LocalLogger
 from nnunetv2.training.lr_scheduler.polylr import PolyLRScheduler
@@ -156,6 +158,10 @@ class ContrastivePretrainTrainer(nnUNetTrainer):
     # ---- sampling ----
     pairs_per_batch: Optional[int] = None  # cases per step (2 views each); None = the plans' batch size
     crop_overlap: Tuple[float, float] = (0.3, 0.9)  # min/max fraction of voxels the two crops share
+    # pretraining crop = crop_scale x the plans' patch size (rounded down to what the U-Net can divide). Crops
+    # smaller than the volumes are what gives them different positions: with nnU-Net's patch often as large as the
+    # median volume (small datasets), crop_scale=1 leaves the crops almost no room to move.
+    crop_scale: float = 0.75
     # ---- model ----
     head_inputs: Dict[str, str] = {}  # head name -> 'bottleneck' | 'decoder'
     decoder_stage: Optional[int] = -2  # decoder stage feeding dense heads (-2: one below full resolution)
@@ -247,13 +253,18 @@ class ContrastivePretrainTrainer(nnUNetTrainer):
     def get_dataloaders(self):
         if self.dataset_class is None:
             self.dataset_class = infer_dataset_class(self.preprocessed_dataset_folder)
-        patch_size = self.configuration_manager.patch_size
-        rotation_for_DA, do_dummy_2d, initial_patch_size, mirror_axes = \
-            self.configure_rotation_dummyDA_mirroring_and_inital_patch_size()
+        patch_size = self.pretraining_patch_size()
+        rotation_for_DA, do_dummy_2d, _, mirror_axes = self.configure_rotation_dummyDA_mirroring_and_inital_patch_size()
+        dim = len(patch_size)
+        initial_patch_size = get_patch_size(patch_size[-dim:], rotation_for_DA, rotation_for_DA, rotation_for_DA,
+                                            (0.85, 1.25))
+        if do_dummy_2d:
+            initial_patch_size[0] = patch_size[0]
+        self.print_to_log_file(f"pretraining crop {tuple(patch_size)} (plans patch "
+                               f"{tuple(self.configuration_manager.patch_size)}, crop_scale {self.crop_scale})")
         spatial, intensity = self.get_pretraining_transforms(patch_size, rotation_for_DA, mirror_axes, do_dummy_2d)
         # validation: same geometry, no intensity augmentation, so the loss is comparable across epochs
         val_spatial, _ = self.get_pretraining_transforms(patch_size, rotation_for_DA, mirror_axes, do_dummy_2d)
-        from batchgeneratorsv2.transforms.utils.compose import ComposeTransforms
         dataset_tr, dataset_val = self.get_tr_and_val_datasets()
         common = dict(label_manager=self.label_manager, transpose_forward=self.plans_manager.transpose_forward,
                       overlap_range=self.crop_overlap)
@@ -273,6 +284,17 @@ class ContrastivePretrainTrainer(nnUNetTrainer):
         next(gen_tr)
         next(gen_val)
         return gen_tr, gen_val
+
+    def pretraining_patch_size(self) -> Tuple[int, ...]:
+        """Plans patch size x crop_scale, rounded down to a multiple of the network's total stride per axis."""
+        plans_ps = np.asarray(self.configuration_manager.patch_size)
+        if self.crop_scale == 1.0:
+            return tuple(int(p) for p in plans_ps)
+        if not 0 < self.crop_scale <= 1:
+            raise ValueError(f"crop_scale must be in (0, 1], got {self.crop_scale}")
+        div = encoder_strides(self.network)[-1]
+        size = np.maximum(div, np.floor(plans_ps * self.crop_scale / div) * div)
+        return tuple(int(s) for s in size)
 
     def get_pretraining_transforms(self, patch_size, rotation_for_DA, mirror_axes, do_dummy_2d):
         """nnU-Net's training augmentation (this trainer's own get_training_transforms), split into the spatial

@@ -1,0 +1,104 @@
+"""Spade's objectives against slow references on hand-built geometry."""
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from nnunet_ssl.core.objectives import dense_correspondence_loss, spade_global_loss, view_pairs
+
+
+def _slow_info_nce(z, pos, neg, tau):
+    z = F.normalize(z.double(), dim=1)
+    losses = []
+    for i in range(len(z)):
+        p = [j for j in range(len(z)) if pos[i][j]]
+        if not p:
+            continue
+        den = [j for j in range(len(z)) if pos[i][j] or neg[i][j]]
+        lse = math.log(sum(math.exp(float(z[i] @ z[j]) / tau) for j in den))
+        losses.append(-sum(float(z[i] @ z[j]) / tau - lse for j in p) / len(p))
+    return sum(losses) / len(losses)
+
+
+def test_global_selection_on_a_line():
+    # crops 0,1 = two views of crop A at x=0 / 0.05; crop B views at 0.12 / 0.5; crop C views at 0.9 / 0.95
+    centers = torch.tensor([[0, 0, 0], [0.05, 0, 0], [0.12, 0, 0], [0.5, 0, 0], [0.9, 0, 0], [0.95, 0, 0.]])
+    sample = torch.tensor([0, 0, 1, 1, 2, 2])
+    z = torch.randn(6, 8)
+    loss, stats = spade_global_loss(z, centers, sample, r_pos=0.1, r_neg=0.3, temperature=0.2)
+    d = torch.cdist(centers, centers)
+    pos = [[i != j and (sample[i] == sample[j] or d[i, j] < 0.1) for j in range(6)] for i in range(6)]
+    neg = [[i != j and not pos[i][j] and d[i, j] > 0.3 for j in range(6)] for i in range(6)]
+    # anchor 0: positive 1 (same crop); 2 at 0.12 is in the band -> excluded; 3,4,5 negatives
+    assert pos[0] == [False, True, False, False, False, False]
+    assert neg[0] == [False, False, False, True, True, True]
+    # anchor 2 (crop B): positive 3 (other view, although 0.38 away) and 1 (0.07 < r_pos)
+    assert pos[2] == [False, True, False, True, False, False]
+    assert loss.item() == pytest.approx(_slow_info_nce(z, pos, neg, 0.2), rel=1e-5)
+    assert stats["mean_pos"].item() == pytest.approx(sum(map(sum, pos)) / 6)
+
+
+def test_view_pairs_any_order_and_error():
+    a, b = view_pairs(torch.tensor([2, 0, 1, 0, 2, 1]))
+    assert torch.equal(a, torch.tensor([1, 2, 0])) and torch.equal(b, torch.tensor([3, 5, 4]))
+    with pytest.raises(ValueError, match="exactly twice"):
+        view_pairs(torch.tensor([0, 0, 1, 2]))
+
+
+def test_dense_loss_matches_reference_with_flipped_views():
+    torch.manual_seed(0)
+    b, c, s, stride = 2, 5, 8, 2
+    grid = torch.stack(torch.meshgrid(*[torch.arange(s, dtype=torch.float32)] * 3, indexing="ij"))
+    coords_a = grid.expand(b, -1, -1, -1, -1) + torch.tensor([0.0, 3.0])[:, None, None, None, None]  # per-case shift
+    coords_b = coords_a.flip(2)  # view b = view a mirrored along the first axis
+    coords = torch.cat([coords_a, coords_b])
+    valid = torch.ones(2 * b, s, s, s, dtype=torch.bool)
+    scale = torch.full((2 * b, 3), 0.05)
+    offset = torch.zeros(2 * b, 3)
+    fs = s // stride
+    dense = F.normalize(torch.randn(2 * b, c, fs, fs, fs), dim=1)
+    sample = torch.arange(b).repeat(2)
+    r_neg, tau = 0.12, 0.3
+    loss, stats = dense_correspondence_loss(dense, coords, valid, scale, offset, sample, (stride,) * 3,
+                                            num_samples=fs ** 3, tolerance=0.5, r_neg=r_neg, temperature=tau)
+    assert stats["num_pairs"].item() == b * fs ** 3  # every voxel finds its mirrored partner
+    # reference: all feature voxels of view a paired with the mirrored voxel of view b
+    z, x, g = [], [], []
+    centre = lambda i: (i * stride + (stride - 1) / 2)  # noqa: E731 block centre in input voxels
+    for case in range(b):
+        for i in range(fs):
+            for j in range(fs):
+                for k in range(fs):
+                    pa = torch.tensor([centre(i), centre(j), centre(k)]) + torch.tensor([0.0, 3.0])[case]
+                    z.append(dense[case, :, i, j, k]); x.append(pa * 0.05); g.append(len(g))
+    for case in range(b):
+        for i in range(fs):
+            for j in range(fs):
+                for k in range(fs):
+                    z.append(dense[b + case, :, fs - 1 - i, j, k]); x.append(x[len(z) - 1 - b * fs ** 3])
+                    g.append(g[len(z) - 1 - b * fs ** 3])
+    n = len(z)
+    z = torch.stack(z)
+    pos = [[i != j and g[i] == g[j] for j in range(n)] for i in range(n)]
+    neg = [[i != j and not pos[i][j] and float(torch.dist(x[i], x[j])) > r_neg for j in range(n)] for i in range(n)]
+    assert loss.item() == pytest.approx(_slow_info_nce(z, pos, neg, tau), rel=1e-5)
+
+
+def test_dense_loss_degenerate_batches_are_finite():
+    torch.manual_seed(1)
+    coords = torch.stack(torch.meshgrid(*[torch.arange(4.0)] * 3, indexing="ij"))[None].repeat(2, 1, 1, 1, 1)
+    valid = torch.ones(2, 4, 4, 4, dtype=torch.bool)
+    dense = F.normalize(torch.randn(2, 3, 4, 4, 4), dim=1).requires_grad_()
+    args = (torch.ones(2, 3), torch.zeros(2, 3), torch.tensor([0, 0]), (1, 1, 1))
+    # single case, every other voxel within r_neg: no negatives at all
+    loss, _ = dense_correspondence_loss(dense, coords, valid, *args, num_samples=8, tolerance=0.5, r_neg=100.0,
+                                        temperature=0.1)
+    loss.backward()
+    assert torch.isfinite(loss) and torch.isfinite(dense.grad).all()
+    # no overlap at all between the views: zero loss, still differentiable
+    valid_b = valid.clone(); valid_b[1] = False
+    loss, stats = dense_correspondence_loss(dense, coords, valid_b, *args, num_samples=8, tolerance=0.5,
+                                            r_neg=1.0, temperature=0.1)
+    assert loss.item() == 0 and stats["num_pairs"].item() == 0
+    loss.backward()
