@@ -65,7 +65,7 @@ class SpadePretrainTrainer(ContrastivePretrainTrainer):
 
 class SpadePretrainTrainer_cpu(SpadePretrainTrainer):
     """Short budget for CPU machines (minutes, not days); pair with a small-network plan (nnUNetPlannerSmall)."""
-    num_epochs = 20
+    num_epochs = 40
     num_iterations_per_epoch = 25
     num_val_iterations_per_epoch = 4
     save_every = 5

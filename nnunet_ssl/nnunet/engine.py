@@ -227,7 +227,8 @@ class ContrastivePretrainTrainer(nnUNetTrainer):
         model = ContrastiveModel(self.network, self.heads, self.head_inputs, self.decoder_stage)
         self.optimizer, self.lr_scheduler = self.configure_optimizers()
         if self.is_ddp:
-            model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+            model = nn.SyncBatchNorm.convert_sync_batchnorm(model)  # keeps the Parameter objects of the optimizer
+            self.network, self.heads = model.network, model.heads
             # decoder stages above decoder_stage and the segmentation layers get no gradient in pretraining
             model = DDP(model, device_ids=[self.local_rank], find_unused_parameters=True)
         self.model = model
