@@ -46,3 +46,29 @@ def test_demo_quick_runs_whole_pipeline(tmp_path):
     # a second run reuses every finished step
     again = run([BIN / "nnunet-ssl", "demo", "--quick", "--work-dir", work], env, timeout=600)
     assert "pretraining already done" in again.stdout
+
+
+@pytest.mark.slow
+@pytest.mark.realdata
+def test_demo_on_existing_dataset_holds_out_test_cases(tmp_path):
+    """`demo --dataset 4` on real MSD Hippocampus (no labelled imagesTs): a seeded 25 % hold-out is the test set
+    and never enters pretraining or fine-tuning."""
+    from conftest import HIPPOCAMPUS
+    if not (HIPPOCAMPUS / "dataset.json").exists():
+        pytest.skip("../shared/data/Dataset004_Hippocampus is not available")
+    env = {k: v for k, v in clean_env(tmp_path).items() if not k.startswith("nnUNet_")}
+    env["nnUNet_raw"] = str(HIPPOCAMPUS.parent)
+    work = tmp_path / "demo"
+    res = run([BIN / "nnunet-ssl", "demo", "--quick", "--dataset", "4", "--work-dir", work], env, timeout=1500)
+    report = json.loads((work / "demo_results.json").read_text())
+    assert report["dataset"] == "Dataset004_Hippocampus" and len(report["test_cases"]) == 50
+    splits = json.loads((work / "nnUNet_preprocessed" / "Dataset004_Hippocampus" / "splits_final.json").read_text())
+    test = set(report["test_cases"])
+    assert not test & set(splits[0]["train"]) and not test & set(splits[1]["train"]) and not test & set(
+        splits[1]["val"])
+    assert len(splits[1]["train"]) == 150
+    for r in report["results"].values():
+        assert r["num_cases"] == 50 and set(r["per_class"]) == {"1", "2"}
+    assert "| spade |" in res.stdout
+    # the user's nnU-Net folders were only read: nothing was written next to the raw data
+    assert not (HIPPOCAMPUS / "splits_final.json").exists()
