@@ -43,6 +43,20 @@ def _cmd_bench_speed(args) -> int:
     return main_bench(args)
 
 
+def _cmd_inspect_pairs(args) -> int:
+    _require_env("nnUNet_raw", "nnUNet_preprocessed")
+    from nnunet_ssl.inspect import inspect_pairs
+    inspect_pairs(str(args.d), args.tr, args.c, args.p, args.f, args.anchor, args.o, args.seed, args.device)
+    return 0
+
+
+def _cmd_inspect_embeddings(args) -> int:
+    _require_env("nnUNet_preprocessed")
+    from nnunet_ssl.inspect import inspect_embeddings
+    inspect_embeddings(args.checkpoint, str(args.d), args.cases, args.query, args.o, args.device)
+    return 0
+
+
 def _require_env(*names: str) -> None:
     missing = [n for n in names if not os.environ.get(n)]
     if missing:
@@ -92,6 +106,29 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--device", default="cpu")
     s.add_argument("--json", default=None, help="also write the report here")
     s.set_defaults(func=_cmd_bench_speed)
+
+    s = sub.add_parser("inspect-pairs", help="draw one sampled batch with one anchor's positives/negatives/excluded")
+    s.add_argument("-d", required=True, help="dataset id or name (planned and preprocessed)")
+    s.add_argument("-tr", required=True, help="pretraining trainer, e.g. SpadePretrainTrainer")
+    s.add_argument("-c", default="3d_fullres")
+    s.add_argument("-p", default="nnUNetPlans")
+    s.add_argument("-f", default="all", help="fold whose training cases are sampled (default all)")
+    s.add_argument("--anchor", type=int, default=0, help="row of the anchor crop in the batch")
+    s.add_argument("-o", default="pairs.png", help="output PNG")
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--device", default="cpu")
+    s.set_defaults(func=_cmd_inspect_pairs)
+
+    s = sub.add_parser("inspect-embeddings", help="cosine-similarity map of pretrained dense features: query voxel "
+                                                  "in one case vs every voxel of another")
+    s.add_argument("checkpoint", help="checkpoint_final.pth of a pretraining run")
+    s.add_argument("-d", required=True, help="dataset id or name (preprocessed with the checkpoint's plans)")
+    s.add_argument("--cases", nargs=2, default=None, metavar=("A", "B"), help="default: the first two cases")
+    s.add_argument("--query", nargs="+", type=float, default=None,
+                   help="query voxel in case A (preprocessed voxel coordinates; default: the volume centre)")
+    s.add_argument("-o", default="embeddings.png", help="output PNG")
+    s.add_argument("--device", default="cpu")
+    s.set_defaults(func=_cmd_inspect_embeddings)
     return p
 
 

@@ -63,7 +63,7 @@ def _trainer(root, configuration):
 
 
 def _loader(root, configuration, patch_size, p_rot=0.0, p_scale=0.0, p_elastic=0.0, mirror=True,
-            overlap=(0.3, 0.9), batch_size=6):
+            overlap=(0.3, 0.9), batch_size=6, **loader_kwargs):
     from batchgeneratorsv2.transforms.spatial.spatial import SpatialTransform
     from batchgeneratorsv2.transforms.utils.compose import ComposeTransforms
     from nnunetv2.training.data_augmentation.compute_initial_patch_size import get_patch_size
@@ -82,7 +82,7 @@ def _loader(root, configuration, patch_size, p_rot=0.0, p_scale=0.0, p_elastic=0
     folder = str(root / "preprocessed" / "Dataset801_Coords" / tr.configuration_manager.data_identifier)
     ds = infer_dataset_class(folder)(folder)
     loader = TwoViewDataLoader(ds, batch_size, initial, patch_size, tr.label_manager, spatial, ComposeTransforms([]),
-                               tr.plans_manager.transpose_forward, overlap_range=overlap)
+                               tr.plans_manager.transpose_forward, overlap_range=overlap, **loader_kwargs)
     assert dim in (2, 3)
     return loader, tr
 
@@ -218,3 +218,23 @@ def test_small_volume_is_refused(coord_dataset):
     loader, _ = _loader(coord_dataset, "3d_fullres", (64, 96, 96))
     with pytest.raises(ValueError, match="fills only"):
         loader.generate_train_batch()
+
+
+def test_neighbour_crops_layout_and_overlap(coord_dataset):
+    np.random.seed(6); torch.manual_seed(6)
+    loader, tr = _loader(coord_dataset, "3d_fullres", (12, 12, 12), mirror=False, batch_size=3, num_neighbors=2,
+                         neighbor_overlap=(0.1, 0.4))
+    batch = loader.generate_train_batch()
+    b = 3
+    assert batch["data"].shape[0] == 4 * b
+    assert batch["view_index"].tolist() == [0] * b + [1] * b + [2] * b + [3] * b
+    assert batch["case_index"].tolist() == list(range(b)) * 4
+    assert batch["sample_index"].tolist() == list(range(b)) * 2 + list(range(b, 2 * b)) + list(range(2 * b, 3 * b))
+    lo = batch["bbox"][..., 0].float()
+    for k in range(2):  # each neighbour's overlap with view 0, recomputed from the boxes
+        ov = torch.clamp(12 - (lo[:b] - lo[(2 + k) * b:(3 + k) * b]).abs(), min=0).prod(1) / 12 ** 3
+        assert torch.allclose(ov, batch["neighbor_overlap"][:, k], atol=1e-6)
+        assert (ov >= 0.1 - 1e-6).all() and (ov <= 0.4 + 1e-6).all()
+    err = _truth_vs_reported(batch, tr.plans_manager.transpose_forward,
+                             torch.cat([_shapes_before({"keys": batch["keys"]}, tr)] * 2))
+    assert err.max() < 1.0

@@ -2,11 +2,20 @@
 
 Every public class here is found by ``nnUNetv2_train -tr NAME`` through the discovery hook.
 """
+from nnunet_ssl.trainers.drasclr import DrasCLRPretrainTrainer, DrasCLRPretrainTrainer_cpu, DrasCLRPretrainTrainer_smoke
 from nnunet_ssl.trainers.finetune import nnUNetTrainerFinetune, nnUNetTrainerFinetune_cpu, nnUNetTrainerFinetune_smoke
-from nnunet_ssl.trainers.spade import SpadePretrainTrainer, SpadePretrainTrainer_cpu, SpadePretrainTrainer_smoke
+from nnunet_ssl.trainers.pcl import PCLPretrainTrainer, PCLPretrainTrainer_cpu, PCLPretrainTrainer_smoke
+from nnunet_ssl.trainers.simclr import SimCLRPretrainTrainer, SimCLRPretrainTrainer_cpu, SimCLRPretrainTrainer_smoke
+from nnunet_ssl.trainers.spade import (SpadePretrainTrainer, SpadePretrainTrainer_cpu, SpadePretrainTrainer_smoke,
+                                       SpadeSoftPretrainTrainer, SpadeSoftPretrainTrainer_cpu,
+                                       SpadeSoftPretrainTrainer_smoke)
 
-PRETRAINING_TRAINERS = {c.__name__: c for c in (SpadePretrainTrainer, SpadePretrainTrainer_cpu,
-                                                SpadePretrainTrainer_smoke)}
+PRETRAINING_TRAINERS = {c.__name__: c for c in (
+    SpadePretrainTrainer, SpadePretrainTrainer_cpu, SpadePretrainTrainer_smoke,
+    SpadeSoftPretrainTrainer, SpadeSoftPretrainTrainer_cpu, SpadeSoftPretrainTrainer_smoke,
+    PCLPretrainTrainer, PCLPretrainTrainer_cpu, PCLPretrainTrainer_smoke,
+    DrasCLRPretrainTrainer, DrasCLRPretrainTrainer_cpu, DrasCLRPretrainTrainer_smoke,
+    SimCLRPretrainTrainer, SimCLRPretrainTrainer_cpu, SimCLRPretrainTrainer_smoke)}
 
-__all__ = ["SpadePretrainTrainer", "SpadePretrainTrainer_cpu", "SpadePretrainTrainer_smoke", "nnUNetTrainerFinetune",
-           "nnUNetTrainerFinetune_cpu", "nnUNetTrainerFinetune_smoke", "PRETRAINING_TRAINERS"]
+__all__ = list(PRETRAINING_TRAINERS) + ["nnUNetTrainerFinetune", "nnUNetTrainerFinetune_cpu",
+                                        "nnUNetTrainerFinetune_smoke", "PRETRAINING_TRAINERS"]

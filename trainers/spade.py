@@ -2,8 +2,12 @@
 import torch
 from torch import nn
 
+from nnunet_ssl.core.affinity import box_overlap_affinity
+from nnunet_ssl.core.frames import canonical_boxes
+from nnunet_ssl.core.losses import affinity_weighted_loss
 from nnunet_ssl.core.heads import DenseProjectionHead, GlobalProjectionHead
 from nnunet_ssl.core.objectives import dense_correspondence_loss, spade_global_loss
+from nnunet_ssl.core.selection import contrastive_masks
 from nnunet_ssl.nnunet.engine import ContrastivePretrainTrainer
 
 
@@ -39,21 +43,27 @@ class SpadePretrainTrainer(ContrastivePretrainTrainer):
             "local": DenseProjectionHead(self.feature_channels("decoder"), self.local_out_dim, dim=dim),
         })
 
-    def compute_loss(self, outputs, batch):
-        dev = self.device
-        centers = batch["canonical_center"].to(dev)
-        sample_index = batch["sample_index"].to(dev)
-        l_g, s_g = spade_global_loss(outputs["global"], centers, sample_index, self.r_pos, self.r_neg,
-                                     self.temperature_global)
-        l_l, s_l = dense_correspondence_loss(
+    def pair_selection(self, batch):
+        return contrastive_masks(batch["canonical_center"], batch["sample_index"], self.r_pos, self.r_neg)
+
+    def global_loss(self, outputs, batch):
+        return spade_global_loss(outputs["global"], batch["canonical_center"].to(self.device),
+                                 batch["sample_index"].to(self.device), self.r_pos, self.r_neg,
+                                 self.temperature_global)
+
+    def local_loss(self, outputs, batch):
+        return dense_correspondence_loss(
             outputs["local"], batch["coords"], batch["valid"], batch["canonical_scale"],
-            batch["canonical_offset"], sample_index, self.decoder_stride(), self.local_samples,
+            batch["canonical_offset"], batch["sample_index"], self.decoder_stride(), self.local_samples,
             self.local_match_tolerance, self.r_local_neg, self.temperature_local)
+
+    def compute_loss(self, outputs, batch):
+        l_g, s_g = self.global_loss(outputs, batch)
+        l_l, s_l = self.local_loss(outputs, batch)
         loss = self.lambda_global * l_g + self.lambda_local * l_l
         return loss, {"global": l_g, "local": l_l, "mean_pos_global": s_g["mean_pos"],
                       "mean_neg_global": s_g["mean_neg"], "mean_pos_local": s_l["mean_pos"],
                       "mean_neg_local": s_l["mean_neg"]}
-
 
     def on_train_epoch_end(self, train_outputs):
         super().on_train_epoch_end(train_outputs)
@@ -76,6 +86,68 @@ class SpadePretrainTrainer_cpu(SpadePretrainTrainer):
 
 class SpadePretrainTrainer_smoke(SpadePretrainTrainer):
     """2 epochs x 2 iterations: checks that a dataset and set-up work end to end (not a useful pretraining)."""
+    num_epochs = 2
+    num_iterations_per_epoch = 2
+    num_val_iterations_per_epoch = 1
+    save_every = 1
+    local_samples = 32
+
+
+class SpadeSoftPretrainTrainer(SpadePretrainTrainer):
+    """Spade with a soft global branch: no r_pos / r_neg thresholds; every pair is weighted by a continuous
+    spatial affinity, in the manner of PDCR's affinity-weighted loss (Liu et al., 2022).
+
+    a_ij = 1 for the two views of one crop, else the fraction of the smaller crop's canonical box shared by the two
+    boxes (axis-aligned boxes of the crops' valid voxels in the canonical frame; 0 for disjoint crops).
+    With s_ij = cos(z_i, z_j) / temperature_soft and d_ij = 1 - a_ij:
+        l_ij = -( s_ij a_ij - log sum_{k != i} exp(s_ik d_ik) ),  L_global = mean over pairs i != j.
+    Crops sharing anatomy are pulled together in proportion to how much they share; disjoint crops only push.
+    The local branch is Spade's."""
+
+    temperature_soft = 0.5
+    logged_terms = ("global", "local", "mean_affinity_global", "mean_pos_local", "mean_neg_local")
+
+    def affinity(self, batch) -> torch.Tensor:
+        boxes = canonical_boxes(batch["coords"], batch["valid"], batch["canonical_scale"],
+                                batch["canonical_offset"])
+        a = box_overlap_affinity(boxes)
+        s = batch["sample_index"]
+        return torch.where(s[:, None] == s[None, :], torch.ones_like(a), a)
+
+    def pair_selection(self, batch):
+        # for inspection: pairs sharing any anatomy attract (a > 0), the others only repel
+        a = self.affinity(batch)
+        eye = torch.eye(len(a), dtype=torch.bool)
+        return (a > 0) & ~eye, (a == 0) & ~eye
+
+    def global_loss(self, outputs, batch):
+        a = self.affinity(batch).to(self.device)
+        valid = ~torch.eye(len(a), dtype=torch.bool, device=self.device)
+        loss, stats = affinity_weighted_loss(outputs["global"], a, valid, self.temperature_soft)
+        return loss, stats
+
+    def compute_loss(self, outputs, batch):
+        l_g, s_g = self.global_loss(outputs, batch)
+        l_l, s_l = self.local_loss(outputs, batch)
+        loss = self.lambda_global * l_g + self.lambda_local * l_l
+        return loss, {"global": l_g, "local": l_l, "mean_affinity_global": s_g["mean_affinity"],
+                      "mean_pos_local": s_l["mean_pos"], "mean_neg_local": s_l["mean_neg"]}
+
+    def on_train_epoch_end(self, train_outputs):
+        ContrastivePretrainTrainer.on_train_epoch_end(self, train_outputs)
+
+
+class SpadeSoftPretrainTrainer_cpu(SpadeSoftPretrainTrainer):
+    num_epochs = 40
+    num_iterations_per_epoch = 25
+    num_val_iterations_per_epoch = 4
+    save_every = 5
+    crop_scale = 0.6
+    pairs_per_batch = 4
+    local_samples = 64
+
+
+class SpadeSoftPretrainTrainer_smoke(SpadeSoftPretrainTrainer):
     num_epochs = 2
     num_iterations_per_epoch = 2
     num_val_iterations_per_epoch = 1

@@ -1,15 +1,27 @@
-"""Pure-tensor core of the Spade contrastive pretraining (depends on torch only)."""
+"""Pure-tensor core of the contrastive pretraining methods (depends on torch only)."""
+from .affinity import box_overlap_affinity, distance_affinity
 from .correspondence import downsample_coords, gather_at, sample_correspondences
-from .heads import DenseProjectionHead, GlobalProjectionHead
-from .losses import info_nce
-from .selection import contrastive_masks, pair_statistics
+from .heads import DenseProjectionHead, GlobalProjectionHead, LocationConditionedHead
+from .losses import affinity_weighted_loss, info_nce
+from .objectives import drasclr_loss, momentum_update
+from .queue import LocationBinnedQueue
+from .selection import contrastive_masks, instance_masks, pair_statistics, positional_masks
 
 __all__ = [
     "contrastive_masks",
     "pair_statistics",
+    "instance_masks",
+    "positional_masks",
     "info_nce",
+    "affinity_weighted_loss",
+    "box_overlap_affinity",
+    "distance_affinity",
     "GlobalProjectionHead",
     "DenseProjectionHead",
+    "LocationConditionedHead",
+    "LocationBinnedQueue",
+    "drasclr_loss",
+    "momentum_update",
     "sample_correspondences",
     "gather_at",
     "downsample_coords",

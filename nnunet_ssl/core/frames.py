@@ -60,3 +60,19 @@ def apply_axis_affine(coords: torch.Tensor, scale: torch.Tensor, offset: torch.T
     """coords (N,3,*S) or (N,3); scale/offset (N,3) -> same shape as coords."""
     view = (coords.shape[0], coords.shape[1]) + (1,) * (coords.ndim - 2)
     return coords * scale.reshape(view).to(coords) + offset.reshape(view).to(coords)
+
+
+def canonical_boxes(coords: torch.Tensor, valid: torch.Tensor, scale: torch.Tensor,
+                    offset: torch.Tensor) -> torch.Tensor:
+    """Axis-aligned box (N,3,2) [lo, hi] in the canonical frame covered by each crop's valid voxels.
+
+    coords (N,3,*S) preprocessed voxel positions, valid (N,*S); rows without a valid voxel get an empty box
+    (lo = hi = 0)."""
+    can = apply_axis_affine(coords.float(), scale, offset).flatten(2)  # (N,3,V)
+    v = valid.flatten(1)[:, None, :].expand_as(can)
+    lo = torch.where(v, can, torch.full_like(can, float("inf"))).amin(2)
+    hi = torch.where(v, can, torch.full_like(can, float("-inf"))).amax(2)
+    empty = ~valid.flatten(1).any(1)
+    lo[empty] = 0
+    hi[empty] = 0
+    return torch.stack((lo, hi), 2)

@@ -1,6 +1,8 @@
 """Projection heads for the global (per-crop) and local (per-voxel) branches."""
+import math
 from typing import Optional
 
+import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
@@ -54,3 +56,50 @@ class DenseProjectionHead(nn.Module):
                 f"got shape {tuple(feature_map.shape)}"
             )
         return F.normalize(self.proj(feature_map), dim=1)
+
+
+class LocationConditionedHead(nn.Module):
+    """Mixture-of-experts projection head whose mixing weights depend on a location.
+
+    Conditions the projection on where a crop comes from (DrasCLR-style) while the encoder
+    stays unchanged: GAP -> Linear -> ReLU gives h; a small MLP maps the location to a softmax
+    gate over ``num_experts`` linear experts; the output is normalize(sum_e g_e (h W_e + b_e)).
+    """
+
+    conditioned = True  # the training engine passes each crop's location as the second argument
+
+    def __init__(
+        self,
+        in_channels: int,
+        hidden_dim: int = 512,
+        out_dim: int = 128,
+        num_experts: int = 4,
+        location_dim: int = 3,
+    ):
+        super().__init__()
+        if num_experts < 1:
+            raise ValueError(f"num_experts must be >= 1, got {num_experts}")
+        self.location_dim = location_dim
+        self.trunk = nn.Sequential(nn.Linear(in_channels, hidden_dim), nn.ReLU(inplace=True))
+        self.gate = nn.Sequential(
+            nn.Linear(location_dim, 64), nn.ReLU(inplace=True), nn.Linear(64, num_experts)
+        )
+        self.expert_weight = nn.Parameter(torch.empty(num_experts, hidden_dim, out_dim))
+        self.expert_bias = nn.Parameter(torch.empty(num_experts, out_dim))
+        # Same scale as nn.Linear's default init, per expert.
+        bound = 1.0 / math.sqrt(hidden_dim)
+        nn.init.uniform_(self.expert_weight, -bound, bound)
+        nn.init.uniform_(self.expert_bias, -bound, bound)
+
+    def forward(self, feature_map: Tensor, location: Tensor) -> Tensor:
+        if feature_map.dim() < 3:
+            raise ValueError(f"expected a (B, C, *spatial) tensor, got shape {tuple(feature_map.shape)}")
+        b = feature_map.shape[0]
+        if location.shape != (b, self.location_dim):
+            raise ValueError(
+                f"expected location ({b}, {self.location_dim}), got {tuple(location.shape)}"
+            )
+        h = self.trunk(feature_map.flatten(2).mean(dim=2))
+        g = torch.softmax(self.gate(location.to(self.expert_weight.dtype)), dim=1)
+        per_expert = torch.einsum("bh,eho->beo", h, self.expert_weight) + self.expert_bias
+        return F.normalize(torch.einsum("be,beo->bo", g.to(per_expert.dtype), per_expert), dim=1)

@@ -78,3 +78,53 @@ def pair_statistics(
         "mean_neg": (n_neg * w).sum() / denom,
         "mean_excluded": (n_exc * w).sum() / denom,
     }
+
+
+def instance_masks(group_ids: Tensor) -> Tuple[Tensor, Tensor]:
+    """SimCLR / NT-Xent selection: positives share a group (the other views), all other rows are negatives.
+
+    Args:
+        group_ids: (N,) ids; rows with the same id are views of one instance.
+
+    Returns:
+        (pos_mask, neg_mask), bool (N, N), disjoint, with a false diagonal.
+    """
+    if group_ids.dim() != 1:
+        raise ValueError(f"expected group_ids (N,), got {tuple(group_ids.shape)}")
+    n = group_ids.shape[0]
+    same = group_ids[:, None] == group_ids[None, :]
+    pos = same & ~torch.eye(n, dtype=torch.bool, device=group_ids.device)
+    return pos, ~same
+
+
+def positional_masks(
+    positions: Tensor, delta: float, group_ids: Optional[Tensor] = None
+) -> Tuple[Tensor, Tensor]:
+    """PCL selection (Zeng et al. 2021): slices at nearby normalised positions are positives.
+
+    pos_ij: i != j and (|p_i - p_j| < delta, or same group when ``group_ids`` is given);
+    neg_ij: every other non-self pair (PCL has no excluded band).
+
+    Args:
+        positions: (N,) scalar positions, e.g. the normalised slice position in the volume.
+        delta: positional threshold.
+        group_ids: optional (N,) ids that make rows positives regardless of position.
+
+    Returns:
+        (pos_mask, neg_mask), bool (N, N), disjoint, with a false diagonal.
+    """
+    if positions.dim() != 1:
+        raise ValueError(f"expected positions (N,), got {tuple(positions.shape)}")
+    n = positions.shape[0]
+    # float64: exact for float32 inputs, so threshold ties behave as in plain Python arithmetic.
+    p = positions.double()
+    close = (p[:, None] - p[None, :]).abs() < delta
+    if group_ids is not None:
+        if group_ids.shape != positions.shape:
+            raise ValueError(
+                f"group_ids {tuple(group_ids.shape)} must match positions {tuple(positions.shape)}"
+            )
+        close = close | (group_ids[:, None] == group_ids[None, :])
+    off_diag = ~torch.eye(n, dtype=torch.bool, device=positions.device)
+    pos = off_diag & close
+    return pos, off_diag & ~pos

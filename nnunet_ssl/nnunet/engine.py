@@ -15,6 +15,7 @@ Method hyper-parameters and the training budget are class attributes, so variant
 """
 from __future__ import annotations
 
+import copy
 import os
 from time import time
 from typing import Dict, List, Optional, Sequence, Tuple
@@ -39,6 +40,7 @@ from nnunetv2.utilities.default_n_proc_DA import get_allowed_n_proc_DA
 from nnunetv2.utilities.helpers import dummy_context
 from nnunetv2.utilities.label_handling.label_handling import determine_num_input_channels
 
+from nnunet_ssl.core.objectives import momentum_update
 from nnunet_ssl.nnunet.checkpoint import atomic_torch_save, load_checkpoint_file
 from nnunet_ssl.nnunet.pair_loader import TwoViewDataLoader
 from nnunet_ssl.nnunet.transforms import split_training_transforms
@@ -133,7 +135,8 @@ class ContrastiveModel(nn.Module):
         n_dec = len(network.decoder.stages)
         self.decoder_stage = None if decoder_stage is None else decoder_stage % n_dec
 
-    def forward(self, x: torch.Tensor) -> Dict[str, torch.Tensor]:
+    def forward(self, x: torch.Tensor, condition: Optional[torch.Tensor] = None) -> Dict[str, torch.Tensor]:
+        """``condition`` (e.g. each crop's location) reaches the heads that declare ``conditioned = True``."""
         skips = self.network.encoder(x)
         feats = {"bottleneck": skips[-1]}
         if "decoder" in self.head_inputs.values():
@@ -142,7 +145,8 @@ class ContrastiveModel(nn.Module):
             for s in range(self.decoder_stage + 1):
                 lres = dec.stages[s](torch.cat((dec.transpconvs[s](lres), skips[-(s + 2)]), 1))
             feats["decoder"] = lres
-        return {name: head(feats[self.head_inputs[name]]) for name, head in self.heads.items()}
+        return {name: head(feats[self.head_inputs[name]], condition) if getattr(head, "conditioned", False)
+                else head(feats[self.head_inputs[name]]) for name, head in self.heads.items()}
 
 
 class ContrastivePretrainTrainer(nnUNetTrainer):
@@ -162,10 +166,16 @@ class ContrastivePretrainTrainer(nnUNetTrainer):
     # smaller than the volumes are what gives them different positions: with nnU-Net's patch often as large as the
     # median volume (small datasets), crop_scale=1 leaves the crops almost no room to move.
     crop_scale: float = 0.75
+    num_neighbors: int = 0  # further crops per case near view 0 (DrasCLR's anatomical neighbours)
+    neighbor_overlap: Tuple[float, float] = (0.1, 0.5)
     # ---- model ----
     head_inputs: Dict[str, str] = {}  # head name -> 'bottleneck' | 'decoder'
     decoder_stage: Optional[int] = -2  # decoder stage feeding dense heads (-2: one below full resolution)
     grad_clip: float = 12.0
+    # momentum (key) copy of U-Net + heads, updated as an exponential moving average after every step; its
+    # outputs reach compute_loss as outputs["key_<head>"] (MoCo / DrasCLR)
+    use_momentum_encoder: bool = False
+    momentum: float = 0.999
     # loss terms compute_loss reports (logged per epoch for train and validation)
     logged_terms: Tuple[str, ...] = ()
 
@@ -178,6 +188,7 @@ class ContrastivePretrainTrainer(nnUNetTrainer):
         self.logger.local_logger = ContrastiveLocalLogger(self.logged_terms)
         self.heads = None
         self.model = None
+        self.key_model = None
         self.best_val_loss = None
 
     # ------------------------------------------------------------------ to implement by methods
@@ -187,6 +198,15 @@ class ContrastivePretrainTrainer(nnUNetTrainer):
     def compute_loss(self, outputs: Dict[str, torch.Tensor], batch: dict) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
         """Return (total loss, {term: scalar}) with terms named as in ``logged_terms``."""
         raise NotImplementedError
+
+    def head_condition(self, batch: dict) -> Optional[torch.Tensor]:
+        """Per-crop input of conditioned heads (None: no head is conditioned)."""
+        return None
+
+    def pair_selection(self, batch: dict) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Crop-level (positive, negative) masks (N,N) of the method's selection rule, for ``nnunet-ssl
+        inspect-pairs``; methods whose rule is crop-level use the same function in compute_loss."""
+        raise NotImplementedError(f"{type(self).__name__} does not expose a crop-level selection rule")
 
     def method_hyperparameters(self) -> dict:
         """Class-level settings of the method and its budget, recorded in the log and in checkpoints."""
@@ -232,6 +252,8 @@ class ContrastivePretrainTrainer(nnUNetTrainer):
             # decoder stages above decoder_stage and the segmentation layers get no gradient in pretraining
             model = DDP(model, device_ids=[self.local_rank], find_unused_parameters=True)
         self.model = model
+        if self.use_momentum_encoder:
+            self.key_model = copy.deepcopy(unwrap(model)).requires_grad_(False)
         self.loss = None
         self.dataset_class = infer_dataset_class(self.preprocessed_dataset_folder)
         self.was_initialized = True
@@ -268,7 +290,8 @@ class ContrastivePretrainTrainer(nnUNetTrainer):
         val_spatial, _ = self.get_pretraining_transforms(patch_size, rotation_for_DA, mirror_axes, do_dummy_2d)
         dataset_tr, dataset_val = self.get_tr_and_val_datasets()
         common = dict(label_manager=self.label_manager, transpose_forward=self.plans_manager.transpose_forward,
-                      overlap_range=self.crop_overlap)
+                      overlap_range=self.crop_overlap, num_neighbors=self.num_neighbors,
+                      neighbor_overlap=self.neighbor_overlap)
         dl_tr = TwoViewDataLoader(dataset_tr, self.batch_size, initial_patch_size, patch_size,
                                   spatial_transforms=spatial, intensity_transforms=intensity, **common)
         dl_val = TwoViewDataLoader(dataset_val, self.batch_size, initial_patch_size, patch_size,
@@ -314,10 +337,15 @@ class ContrastivePretrainTrainer(nnUNetTrainer):
 
     def _step(self, batch: dict, train: bool) -> dict:
         data = batch["data"].to(self.device, non_blocking=True)
+        condition = self.head_condition(batch)
         if train:
             self.optimizer.zero_grad(set_to_none=True)
         with self._autocast():
-            outputs = self.model(data)
+            outputs = self.model(data, condition)
+            if self.key_model is not None:
+                with torch.no_grad():
+                    self.key_model.train(self.model.training)
+                    outputs.update({f"key_{k}": v.detach() for k, v in self.key_model(data, condition).items()})
         loss, terms = self.compute_loss(outputs, batch)  # losses compute in float32 themselves
         if not torch.isfinite(loss):
             raise FloatingPointError(f"non-finite pretraining loss ({loss.item()}) at epoch {self.current_epoch}; "
@@ -334,6 +362,8 @@ class ContrastivePretrainTrainer(nnUNetTrainer):
                 loss.backward()
                 torch.nn.utils.clip_grad_norm_(params, self.grad_clip)
                 self.optimizer.step()
+            if self.key_model is not None:
+                momentum_update(unwrap(self.model), self.key_model, self.momentum)
         out = {"loss": loss.detach().cpu().numpy()}
         out.update({k: torch.as_tensor(v).detach().float().cpu().numpy() for k, v in terms.items()})
         return out
@@ -422,11 +452,18 @@ class ContrastivePretrainTrainer(nnUNetTrainer):
         atomic_torch_save(checkpoint, filename)
 
     def extra_checkpoint_state(self) -> dict:
-        """Method state beyond network and heads (momentum encoders, queues); restored by load_extra_state."""
-        return {}
+        """Method state beyond network and heads (momentum encoder here; methods add queues etc. and call super)."""
+        state = {}
+        if self.key_model is not None:
+            state["key_model"] = {k: v.detach().cpu().clone() for k, v in self.key_model.state_dict().items()}
+        return state
 
     def load_extra_state(self, state: dict) -> None:
-        pass
+        if self.key_model is not None:
+            if "key_model" not in state:
+                raise ValueError("checkpoint has no momentum encoder state although this trainer uses one: it was "
+                                 "written by a different trainer; start a new run instead of --c")
+            self.key_model.load_state_dict(state["key_model"])
 
     def load_checkpoint(self, filename_or_checkpoint) -> None:
         if not self.was_initialized:

@@ -5,7 +5,9 @@ preprocessed voxel coordinates of every voxel as extra channels through nnU-Net'
 applies nnU-Net's intensity augmentation to the image channels of each view independently.
 
 Batch layout is "view-major": for B sampled cases, rows 0..B-1 are view 0 and rows B..2B-1 are view 1 of
-the same cases, so ``sample_index = [0..B-1, 0..B-1]``.
+the same cases, so ``sample_index = [0..B-1, 0..B-1]``. Methods that contrast a crop with its anatomical
+neighbours (DrasCLR) ask for ``num_neighbors`` further crops per case, placed near view 0 (their own overlap
+range); they follow as blocks of B rows, each a crop of its own (``sample_index`` B.., ``case_index`` 0..B-1).
 """
 from __future__ import annotations
 
@@ -47,17 +49,22 @@ class TwoViewDataLoader(nnUNetDataLoader):
     def __init__(self, data, batch_size: int, patch_size, final_patch_size, label_manager,
                  spatial_transforms, intensity_transforms, transpose_forward: Sequence[int],
                  overlap_range: Tuple[float, float] = (0.3, 0.9), num_overlap_candidates: int = 32,
-                 min_content_fraction: float = 0.1):
+                 min_content_fraction: float = 0.1, num_neighbors: int = 0,
+                 neighbor_overlap: Tuple[float, float] = (0.1, 0.5)):
         super().__init__(data, batch_size, patch_size, final_patch_size, label_manager,
                          oversample_foreground_percent=0.0, sampling_probabilities=None, pad_sides=None,
                          probabilistic_oversampling=False, transforms=None)
-        lo, hi = overlap_range
-        if not 0.0 <= lo <= hi <= 1.0:
-            raise ValueError(f"crop overlap range must satisfy 0 <= min <= max <= 1, got {overlap_range}")
+        for name, (lo, hi) in (("crop overlap", overlap_range), ("neighbour overlap", neighbor_overlap)):
+            if not 0.0 <= lo <= hi <= 1.0:
+                raise ValueError(f"{name} range must satisfy 0 <= min <= max <= 1, got {(lo, hi)}")
+        if num_neighbors < 0:
+            raise ValueError(f"num_neighbors must be >= 0, got {num_neighbors}")
+        self.num_neighbors = int(num_neighbors)
+        self.neighbor_overlap = (float(neighbor_overlap[0]), float(neighbor_overlap[1]))
         self.spatial_transforms = spatial_transforms
         self.intensity_transforms = intensity_transforms
         self.transpose_forward = list(transpose_forward)
-        self.overlap_range = (float(lo), float(hi))
+        self.overlap_range = (float(overlap_range[0]), float(overlap_range[1]))
         self.num_overlap_candidates = num_overlap_candidates
         self.min_content_fraction = min_content_fraction
         self._checked_keys = set()
@@ -69,8 +76,9 @@ class TwoViewDataLoader(nnUNetDataLoader):
         fs = np.asarray(self.final_patch_size)
         return ps // 2 - fs // 2
 
-    def second_view_bbox(self, data_shape, lbs0: Sequence[int]) -> Tuple[np.ndarray, float]:
-        """Lower bbox corner of view 1 whose final-patch overlap with view 0 lies in ``overlap_range``.
+    def second_view_bbox(self, data_shape, lbs0: Sequence[int], overlap_range=None) -> Tuple[np.ndarray, float]:
+        """Lower bbox corner of a crop whose final-patch overlap with view 0 lies in ``overlap_range``
+        (default: the view-pair range).
 
         Target overlaps are drawn uniformly in the range and split over the axes with random weights; the shift
         is clipped to nnU-Net's admissible bbox range and the achieved overlap re-measured. The candidate
@@ -85,7 +93,7 @@ class TwoViewDataLoader(nnUNetDataLoader):
         ubs = np.array([data_shape[i] + need_to_pad[i] // 2 + need_to_pad[i] % 2 - self.patch_size[i]
                         for i in range(dim)])
         n = self.num_overlap_candidates
-        lo, hi = self.overlap_range
+        lo, hi = overlap_range or self.overlap_range
         target = np.random.uniform(max(lo, 1e-3), max(hi, 1e-3), size=n)
         movable = fs > 1  # 2D: the slice axis has size 1 and never moves (both views show the same slice)
         w = np.random.dirichlet(np.ones(int(movable.sum())), size=n)
@@ -129,12 +137,13 @@ class TwoViewDataLoader(nnUNetDataLoader):
         keys = self.get_indices()
         b = len(keys)
         dim = len(self.final_patch_size) - (1 if self.patch_size_was_2d else 0)
-        n = 2 * b
+        n_views = 2 + self.num_neighbors
+        n = n_views * b
         data_all = coords_all = valid_all = None
         can_scale = np.zeros((n, 3)); can_off = np.zeros((n, 3))
         mm_scale = np.zeros((n, 3)); mm_off = np.zeros((n, 3))
         bbox = np.zeros((n, 3, 2), dtype=np.int64)
-        overlap = np.zeros(b)
+        overlap = np.zeros((b, n_views - 1))
         aug_affine = np.tile(np.eye(3), (n, 1, 1)); aug_mirror = np.zeros((n, 3), dtype=bool)
         aug_elastic = np.zeros(n, dtype=bool)
         final_off = self._final_offset()
@@ -148,8 +157,12 @@ class TwoViewDataLoader(nnUNetDataLoader):
                 self._check_case(key, data)
                 frame = frame_from_properties(properties, shape, self.transpose_forward)
                 lbs0, _ = self.get_bbox(shape, False, None)
-                lbs1, overlap[j] = self.second_view_bbox(shape, lbs0)
-                for v, lbs in enumerate((np.asarray(lbs0), np.asarray(lbs1))):
+                boxes = [np.asarray(lbs0)]
+                for v in range(1, n_views):
+                    lbs_v, overlap[j, v - 1] = self.second_view_bbox(
+                        shape, lbs0, self.overlap_range if v == 1 else self.neighbor_overlap)
+                    boxes.append(lbs_v)
+                for v, lbs in enumerate(boxes):
                     row = v * b + j
                     img, crd, val, sp, mirror = self._make_view(data, lbs)
                     if data_all is None:
@@ -181,10 +194,13 @@ class TwoViewDataLoader(nnUNetDataLoader):
             "coords": coords_t,
             "valid": valid_all,
             "keys": list(keys),
-            "sample_index": torch.arange(b).repeat(2),
-            "view_index": torch.arange(2).repeat_interleave(b),
+            "sample_index": torch.cat([torch.arange(b)] * 2 + [torch.arange(b) + b * (k + 1)
+                                                               for k in range(self.num_neighbors)]),
+            "case_index": torch.arange(b).repeat(n_views),
+            "view_index": torch.arange(n_views).repeat_interleave(b),
             "bbox": torch.from_numpy(bbox),
-            "overlap": torch.from_numpy(overlap).float(),
+            "overlap": torch.from_numpy(overlap[:, 0]).float(),
+            "neighbor_overlap": torch.from_numpy(overlap[:, 1:]).float(),
             "canonical_scale": can_scale_t, "canonical_offset": can_off_t,
             "mm_scale": mm_scale_t, "mm_offset": mm_off_t,
             "canonical_center": centre * can_scale_t + can_off_t,
