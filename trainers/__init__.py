@@ -4,6 +4,7 @@ Every public class here is found by ``nnUNetv2_train -tr NAME`` through the disc
 """
 from nnunet_ssl.trainers.drasclr import DrasCLRPretrainTrainer, DrasCLRPretrainTrainer_cpu, DrasCLRPretrainTrainer_smoke
 from nnunet_ssl.trainers.finetune import nnUNetTrainerFinetune, nnUNetTrainerFinetune_cpu, nnUNetTrainerFinetune_smoke
+from nnunet_ssl.trainers.pdcr import PDCRTrainer, PDCRTrainer_smoke, PDCRUAFSTrainer, PDCRUAFSTrainer_smoke
 from nnunet_ssl.trainers.pcl import PCLPretrainTrainer, PCLPretrainTrainer_cpu, PCLPretrainTrainer_smoke
 from nnunet_ssl.trainers.simclr import SimCLRPretrainTrainer, SimCLRPretrainTrainer_cpu, SimCLRPretrainTrainer_smoke
 from nnunet_ssl.trainers.spade import (SpadePretrainTrainer, SpadePretrainTrainer_cpu, SpadePretrainTrainer_smoke,
@@ -17,5 +18,9 @@ PRETRAINING_TRAINERS = {c.__name__: c for c in (
     DrasCLRPretrainTrainer, DrasCLRPretrainTrainer_cpu, DrasCLRPretrainTrainer_smoke,
     SimCLRPretrainTrainer, SimCLRPretrainTrainer_cpu, SimCLRPretrainTrainer_smoke)}
 
-__all__ = list(PRETRAINING_TRAINERS) + ["nnUNetTrainerFinetune", "nnUNetTrainerFinetune_cpu",
-                                        "nnUNetTrainerFinetune_smoke", "PRETRAINING_TRAINERS"]
+SEGMENTATION_TRAINERS = {c.__name__: c for c in (
+    nnUNetTrainerFinetune, nnUNetTrainerFinetune_cpu, nnUNetTrainerFinetune_smoke,
+    PDCRTrainer, PDCRTrainer_smoke, PDCRUAFSTrainer, PDCRUAFSTrainer_smoke)}
+
+__all__ = list(PRETRAINING_TRAINERS) + list(SEGMENTATION_TRAINERS) + ["PRETRAINING_TRAINERS",
+                                                                      "SEGMENTATION_TRAINERS"]

@@ -1,0 +1,173 @@
+"""PDCR + UAFS: composition/affinity/loss against slow references, the UAFS block, U-Net integration, and the
+trainers end to end (train -> nnUNetv2_predict -> evaluation, with and without -pretrained_weights)."""
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from conftest import BIN, clean_env, run
+from nnunet_ssl.core.composition import composition_affinity, grid_positions, label_composition
+from nnunet_ssl.core.losses import affinity_weighted_loss
+from nnunet_ssl.core.uafs import UAFSBlock
+
+
+def _slow_composition(lab, pos, window, num_classes):
+    out = []
+    for b in range(lab.shape[0]):
+        rows = []
+        for p in pos.tolist():
+            counts = np.zeros(num_classes)
+            lo = [max(0, c - (w | 1) // 2) for c, w in zip(p, window)]
+            hi = [min(s, c + (w | 1) // 2 + 1) for c, w, s in zip(p, window, lab.shape[1:])]
+            block = lab[b][tuple(slice(a, z) for a, z in zip(lo, hi))]
+            for c in range(num_classes):
+                counts[c] = (block == c).sum()
+            rows.append(counts / counts.sum())
+        out.append(rows)
+    return torch.tensor(np.array(out), dtype=torch.float32)
+
+
+def test_composition_affinity_and_loss_match_slow_reference():
+    torch.manual_seed(0)
+    lab = torch.zeros(2, 12, 12, 12, dtype=torch.long)
+    lab[0, 2:7, 3:9, 1:6] = 1
+    lab[0, 8:, 8:, 8:] = 2
+    lab[1, :6] = 2
+    onehot = F.one_hot(lab, 3).movedim(-1, 1)
+    pos = grid_positions((12, 12, 12), (4, 4, 4))
+    r = label_composition(onehot, pos, (5, 5, 5))
+    ref = _slow_composition(lab.numpy(), pos, (5, 5, 5), 3)
+    assert torch.allclose(r, ref, atol=1e-6)
+    rf = r.reshape(-1, 3)
+    a = composition_affinity(rf)
+    slow_a = torch.tensor([[1 - 0.5 * float((rf[i] - rf[j]).abs().sum()) for j in range(len(rf))]
+                           for i in range(len(rf))])
+    assert torch.allclose(a, slow_a, atol=1e-6)
+    # the loss: l_ij = -log(exp(s_ij a_ij) / sum_k exp(s_ik d_ik)) over pairs i != j, tau 0.5
+    z = F.normalize(torch.randn(len(rf), 8), dim=1)
+    n = len(rf)
+    loss, _ = affinity_weighted_loss(z, a, ~torch.eye(n, dtype=torch.bool), 0.5)
+    s = (z @ z.T / 0.5).double()
+    ad = a.double()
+    terms = []
+    for i in range(n):
+        den = sum(math.exp(s[i, k] * (1 - ad[i, k])) for k in range(n) if k != i)
+        terms += [-(s[i, j] * ad[i, j] - math.log(den)) for j in range(n) if j != i]
+    assert loss.item() == pytest.approx(float(sum(terms)) / len(terms), rel=1e-5)
+
+
+def test_all_background_batch_is_finite():
+    onehot = F.one_hot(torch.zeros(2, 8, 8, 8, dtype=torch.long), 3).movedim(-1, 1)
+    r = label_composition(onehot, grid_positions((8, 8, 8), (4, 4, 4)), (3, 3, 3)).reshape(-1, 3)
+    a = composition_affinity(r)
+    assert torch.equal(a, torch.ones_like(a))
+    z = torch.randn(len(r), 4, requires_grad=True)
+    loss, _ = affinity_weighted_loss(z, a, ~torch.eye(len(r), dtype=torch.bool), 0.5)
+    loss.backward()
+    assert torch.isfinite(loss) and torch.isfinite(z.grad).all()
+
+
+def test_uafs_block_identity_at_init_and_gradients():
+    torch.manual_seed(1)
+    blk = UAFSBlock(6, dim=3)
+    f = torch.randn(2, 6, 5, 5, 5, requires_grad=True)
+    aux = torch.randn(2, 3, 5, 5, 5)
+    assert torch.equal(blk(f, aux), f)  # gamma = 0: a new block leaves pretrained features untouched
+    blk(f, aux).sum().backward()
+    assert blk.gamma.grad.abs() > 0
+    with torch.no_grad():
+        blk.gamma.fill_(0.5)
+    f.grad = None
+    out = blk(f, aux)
+    out.square().sum().backward()
+    assert out.shape == f.shape and blk.gate.weight.grad.abs().sum() > 0 and f.grad.abs().sum() > 0
+    # certainty: uniform logits -> 0, one dominant class -> ~1
+    c = UAFSBlock.certainty(torch.stack([torch.zeros(3, 2, 2), torch.tensor([50.0, 0, 0]).view(3, 1, 1).expand(3, 2, 2)]))
+    assert torch.allclose(c[0], torch.zeros_like(c[0]), atol=1e-6) and torch.allclose(c[1], torch.ones_like(c[1]))
+
+
+@pytest.mark.parametrize("arch", ["plain", "resenc"])
+def test_uafs_network_keeps_unet_keys_and_loads_pretrained_weights(tmp_path, arch):
+    from dynamic_network_architectures.architectures.unet import PlainConvUNet, ResidualEncoderUNet
+    from nnunetv2.run.load_pretrained_weights import load_pretrained_weights
+    from nnunet_ssl.nnunet.feature_decoder import convert_decoder
+    kw = dict(input_channels=1, n_stages=3, features_per_stage=[4, 8, 16], conv_op=torch.nn.Conv3d, kernel_sizes=3,
+              strides=[1, 2, 2], num_classes=3, n_conv_per_stage_decoder=1, conv_bias=True,
+              norm_op=torch.nn.InstanceNorm3d, norm_op_kwargs={"affine": True}, nonlin=torch.nn.LeakyReLU,
+              deep_supervision=True)
+    make = (lambda: PlainConvUNet(n_conv_per_stage=2, **kw)) if arch == "plain" else \
+        (lambda: ResidualEncoderUNet(n_blocks_per_stage=[1, 1, 1], **kw))
+    torch.manual_seed(2)
+    pretrained = make()
+    torch.save({"network_weights": pretrained.state_dict()}, tmp_path / "ckpt.pth")
+    net = convert_decoder(make(), uafs_stages=(-2, -1))
+    new_keys = set(net.state_dict()) - set(pretrained.state_dict())
+    assert new_keys and all(".seg_layers." in k for k in new_keys)
+    assert set(pretrained.state_dict()) <= set(net.state_dict())
+    load_pretrained_weights(net, str(tmp_path / "ckpt.pth"))
+    for k, v in pretrained.state_dict().items():
+        if ".seg_layers." not in k:
+            assert torch.equal(net.state_dict()[k], v)
+    x = torch.randn(2, 1, 16, 16, 16)
+    net.decoder.capture_stages = (0, 1)
+    out = net(x)
+    assert [o.shape[2:] for o in out] == [torch.Size([16] * 3), torch.Size([8] * 3)]
+    assert set(net.decoder.captured) == {0, 1}
+    # at initialisation the UAFS blocks are the identity: the decoder features equal the pretrained U-Net's
+    # (the segmentation layers themselves are task-specific and never transferred)
+    ref = convert_decoder(pretrained)
+    ref.decoder.capture_stages = (0, 1)
+    ref(x)
+    for s in (0, 1):
+        assert torch.allclose(net.decoder.captured[s], ref.decoder.captured[s], atol=1e-6)
+
+
+DATASET = 994
+NAME = "Dataset994_PDCR"
+
+
+@pytest.fixture(scope="module")
+def pdcr_data(tmp_path_factory):
+    root = tmp_path_factory.mktemp("pdcr")
+    for sub in ("raw", "preprocessed", "results"):
+        (root / sub).mkdir()
+    from nnunet_ssl.phantom import make_phantom_dataset
+    make_phantom_dataset(root / "raw", DATASET, "PDCR", num_train=6, num_test=2, shape=(32, 32, 32), seed=11)
+    env = clean_env(root)
+    run([BIN / "nnunet-ssl", "plan", "-d", DATASET, "-pl", "nnUNetPlannerTiny"], env)
+    run([BIN / "nnUNetv2_train", DATASET, "3d_fullres", "all", "-tr", "SpadePretrainTrainer_smoke", "-p",
+         "nnUNetPlansTiny", "-device", "cpu"], env)
+    return root
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("trainer,pretrained", [("PDCRTrainer_smoke", False), ("PDCRTrainer_smoke", True),
+                                                ("PDCRUAFSTrainer_smoke", False), ("PDCRUAFSTrainer_smoke", True)])
+def test_pdcr_trainers_train_predict_evaluate(pdcr_data, trainer, pretrained):
+    root = pdcr_data
+    results = root / f"results_{trainer}_{pretrained}"
+    env = clean_env(root, nnUNet_results=results)
+    cmd = [BIN / "nnUNetv2_train", DATASET, "3d_fullres", "0", "-tr", trainer, "-p", "nnUNetPlansTiny",
+           "-device", "cpu"]
+    if pretrained:
+        cmd += ["-pretrained_weights", root / "results" / NAME /
+                "SpadePretrainTrainer_smoke__nnUNetPlansTiny__3d_fullres" / "fold_all" / "checkpoint_final.pth"]
+    res = run(cmd, env)
+    assert ("Loading pretrained weights" in res.stdout) == pretrained
+    out = results / NAME / f"{trainer}__nnUNetPlansTiny__3d_fullres"
+    log = next((out / "fold_0").glob("training_log_*.txt")).read_text()
+    assert "pdcr_cross" in log
+    ckpt = torch.load(out / "fold_0" / "checkpoint_final.pth", map_location="cpu", weights_only=False)
+    assert ckpt["pdcr_heads"] and all(v.device.type == "cpu" for v in ckpt["network_weights"].values())
+    assert any(".uafs.seg_layers." in k for k in ckpt["network_weights"]) == ("UAFS" in trainer)
+    pred = root / f"pred_{trainer}_{pretrained}"
+    run([BIN / "nnUNetv2_predict", "-i", root / "raw" / NAME / "imagesTs", "-o", pred, "-d", DATASET, "-c",
+         "3d_fullres", "-f", "0", "-tr", trainer, "-p", "nnUNetPlansTiny", "-device", "cpu", "--disable_tta",
+         "-npp", "1", "-nps", "1"], env)
+    run([BIN / "nnUNetv2_evaluate_folder", root / "raw" / NAME / "labelsTs", pred, "-djfile", out / "dataset.json",
+         "-pfile", out / "plans.json"], env)
+    summary = json.loads((pred / "summary.json").read_text())
+    assert len(summary["metric_per_case"]) == 2 and 0 <= summary["foreground_mean"]["Dice"] <= 1

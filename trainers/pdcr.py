@@ -1,0 +1,218 @@
+"""PDCR + UAFS (Liu et al., "Contrastive and Selective Hidden Embeddings for Medical Image Segmentation", TMI 2022)
+as nnU-Net segmentation trainers: a supervised regulariser added to nnU-Net's own loss.
+
+PDCRTrainer (patch-dragsaw contrastive regularisation):
+  features of two decoder stages are sampled on a regular grid (``pdcr_grid_stride`` input voxels). Each sample i
+  gets r_i, the class composition (fractions, background included) of the ground truth inside a window around it
+  (``pdcr_window_scale`` x the stage's stride, +1). Affinity a_ij = 1 - 1/2 sum_c |r_ic - r_jc|, divergence
+  d_ij = 1 - a_ij; with s_ij = cos(f_i, f_j) / tau (tau 0.5):
+      l_ij = -log( exp(s_ij a_ij) / sum_k exp(s_ik d_ik) ),   averaged over valid pairs,
+  for each stage, plus a cross-layer term (stage A samples against stage B samples, affinities between their
+  compositions). Loss = nnU-Net's loss + 0.01 PDCR + 0.01 cross-layer PDCR.
+PDCRUAFSTrainer: PDCR + UAFS blocks after the same two decoder stages (see nnunet_ssl.core.uafs).
+
+Both work alone or on top of any pretraining checkpoint (-pretrained_weights), and predict with stock
+nnUNetv2_predict (the plugin's discovery finds the trainer at inference).
+"""
+from typing import Dict, Sequence, Tuple
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
+from nnunetv2.utilities.helpers import dummy_context
+
+from nnunet_ssl.core.composition import composition_affinity, grid_positions, label_composition
+from nnunet_ssl.core.losses import affinity_weighted_loss
+from nnunet_ssl.nnunet.checkpoint import atomic_torch_save
+from nnunet_ssl.nnunet.engine import encoder_strides, unwrap
+from nnunet_ssl.nnunet.feature_decoder import convert_decoder, stage_index
+
+
+class PDCRTrainer(nnUNetTrainer):
+    pdcr_stages: Tuple[int, ...] = (-2, -1)  # decoder stages (negative: from full resolution)
+    pdcr_grid_stride: int = 8                # sample spacing in input voxels (rounded up to the stages' strides)
+    pdcr_window_scale: int = 2               # composition window = scale x stage stride + 1 voxels per axis
+    pdcr_temperature: float = 0.5
+    pdcr_weight: float = 0.01
+    pdcr_cross_weight: float = 0.01
+    pdcr_proj_dim: int = 64                  # 1x1 projections bring both stages to one width (cross-layer term)
+    pdcr_max_samples: int = 512              # per stage and step (random subset), bounds the N x N affinity
+
+    @staticmethod
+    def build_network_architecture(plans_manager, configuration_manager, num_input_channels, num_output_channels,
+                                   enable_deep_supervision: bool = True) -> nn.Module:
+        net = nnUNetTrainer.build_network_architecture(plans_manager, configuration_manager, num_input_channels,
+                                                       num_output_channels, enable_deep_supervision)
+        return convert_decoder(net)
+
+    def _do_i_compile(self):
+        return False  # stage features are captured in Python during the forward
+
+    # ------------------------------------------------------------------ set-up
+    def _stage_geometry(self):
+        dec = unwrap(self.network).decoder
+        strides = encoder_strides(self.network)
+        idx = [stage_index(dec, s) for s in self.pdcr_stages]
+        stage_strides = [tuple(int(v) for v in strides[len(strides) - (i + 2)]) for i in idx]
+        channels = [int(dec.encoder.output_channels[-(i + 2)]) for i in idx]
+        return idx, stage_strides, channels
+
+    def configure_optimizers(self):
+        idx, _, channels = self._stage_geometry()
+        unwrap(self.network).decoder.capture_stages = tuple(idx)
+        conv = nn.Conv3d if len(self.configuration_manager.patch_size) == 3 else nn.Conv2d
+        self.pdcr_heads = nn.ModuleList([conv(c, self.pdcr_proj_dim, 1) for c in channels]).to(self.device)
+        params = list(self.network.parameters()) + list(self.pdcr_heads.parameters())
+        from nnunetv2.training.lr_scheduler.polylr import PolyLRScheduler
+        optimizer = torch.optim.SGD(params, self.initial_lr, weight_decay=self.weight_decay, momentum=0.99,
+                                    nesterov=True)
+        return optimizer, PolyLRScheduler(optimizer, self.initial_lr, self.num_epochs)
+
+    # ------------------------------------------------------------------ the regulariser
+    def pdcr_regulariser(self, target: torch.Tensor) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
+        idx, stage_strides, _ = self._stage_geometry()
+        captured = unwrap(self.network).decoder.captured
+        lm = self.label_manager
+        seg = target[:, :1] if not lm.has_regions else target
+        if lm.has_regions:
+            onehot = seg[:, :len(lm.foreground_regions)].float()
+            ignore = seg[:, -1:].bool() if lm.has_ignore_label else None
+        else:
+            lab = seg[:, 0].long()
+            ignore = (lab == lm.ignore_label)[:, None] if lm.has_ignore_label else None
+            lab = torch.where(lab == lm.ignore_label, torch.zeros_like(lab), lab) if lm.has_ignore_label else lab
+            onehot = F.one_hot(lab.clamp(0, lm.num_segmentation_heads - 1), lm.num_segmentation_heads)
+            onehot = onehot.movedim(-1, 1).float()
+        spatial = seg.shape[2:]
+        g = int(np.lcm.reduce([self.pdcr_grid_stride] + [int(s) for st in stage_strides for s in st]))
+        pos = grid_positions(spatial, [g] * len(spatial)).to(seg.device)
+        b = seg.shape[0]
+        valid = torch.ones(b, len(pos), dtype=torch.bool, device=seg.device)
+        if ignore is not None:  # samples centred on ignore-labelled voxels carry no composition
+            valid &= ~ignore[:, 0].flatten(1)[:, _linear(pos, spatial)]
+        valid = valid.flatten()
+        keep = torch.nonzero(valid).flatten()
+        if len(keep) > self.pdcr_max_samples:
+            keep = keep[torch.randperm(len(keep), device=keep.device)[: self.pdcr_max_samples]]
+        feats, comps = [], []
+        with torch.autocast(self.device.type, enabled=False) if self.device.type == "cuda" else dummy_context():
+            for k, (i, st) in enumerate(zip(idx, stage_strides)):
+                f = captured[i]
+                fpos = torch.div(pos, torch.tensor(st, device=pos.device), rounding_mode="floor")
+                proj = self.pdcr_heads[k](f.float())
+                z = proj.flatten(2)[:, :, _linear(fpos, f.shape[2:])].transpose(1, 2).reshape(b * len(pos), -1)
+                r = label_composition(onehot, pos, [self.pdcr_window_scale * s + 1 for s in st])
+                feats.append(z[keep])
+                comps.append(r.reshape(b * len(pos), -1)[keep])
+        terms = {}
+        total = 0.0
+        n = len(keep)
+        off = ~torch.eye(n, dtype=torch.bool, device=seg.device)
+        for k in range(len(idx)):
+            l, _ = affinity_weighted_loss(feats[k], composition_affinity(comps[k]), off, self.pdcr_temperature)
+            terms[f"pdcr_{k}"] = l.detach()
+            total = total + self.pdcr_weight * l
+        if len(idx) == 2 and self.pdcr_cross_weight:
+            all_pairs = torch.ones(n, n, dtype=torch.bool, device=seg.device)
+            l, _ = affinity_weighted_loss(feats[0], composition_affinity(comps[0], comps[1]), all_pairs,
+                                          self.pdcr_temperature, candidates=feats[1])
+            terms["pdcr_cross"] = l.detach()
+            total = total + self.pdcr_cross_weight * l
+        return total, terms
+
+    # ------------------------------------------------------------------ training step
+    def train_step(self, batch: dict) -> dict:
+        data = batch["data"].to(self.device, non_blocking=True)
+        target = batch["target"]
+        target = [t.to(self.device, non_blocking=True) for t in target] if isinstance(target, list) else \
+            target.to(self.device, non_blocking=True)
+        self.optimizer.zero_grad(set_to_none=True)
+        ctx = torch.autocast(self.device.type, enabled=True) if self.device.type == "cuda" else dummy_context()
+        with ctx:
+            output = self.network(data)
+            seg_loss = self.loss(output, target)
+        reg, terms = self.pdcr_regulariser(target[0] if isinstance(target, list) else target)
+        loss = seg_loss + reg
+        params = [p for g in self.optimizer.param_groups for p in g["params"]]
+        if self.grad_scaler is not None:
+            self.grad_scaler.scale(loss).backward()
+            self.grad_scaler.unscale_(self.optimizer)
+            torch.nn.utils.clip_grad_norm_(params, 12)
+            self.grad_scaler.step(self.optimizer)
+            self.grad_scaler.update()
+        else:
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, 12)
+            self.optimizer.step()
+        out = {"loss": loss.detach().cpu().numpy(), "seg_loss": seg_loss.detach().cpu().numpy()}
+        out.update({k: v.cpu().numpy() for k, v in terms.items()})
+        return out
+
+    def on_train_epoch_end(self, train_outputs):
+        super().on_train_epoch_end(train_outputs)
+        keys = [k for k in train_outputs[0] if k.startswith("pdcr") or k == "seg_loss"]
+        self.print_to_log_file("PDCR terms: " + ", ".join(
+            f"{k} {np.mean([o[k] for o in train_outputs]):.4f}" for k in keys))
+
+    # ------------------------------------------------------------------ checkpoints: projections travel along
+    def save_checkpoint(self, filename: str) -> None:
+        if self.local_rank != 0 or self.disable_checkpointing:
+            return super().save_checkpoint(filename)
+        cpu = lambda sd: {k: v.detach().cpu().clone() for k, v in sd.items()}  # noqa: E731
+        atomic_torch_save({
+            "network_weights": cpu(unwrap(self.network).state_dict()),
+            "pdcr_heads": cpu(self.pdcr_heads.state_dict()),
+            "optimizer_state": self.optimizer.state_dict(),
+            "grad_scaler_state": self.grad_scaler.state_dict() if self.grad_scaler is not None else None,
+            "logging": self.logger.get_checkpoint(),
+            "_best_ema": self._best_ema,
+            "current_epoch": self.current_epoch + 1,
+            "init_args": self.my_init_kwargs,
+            "trainer_name": self.__class__.__name__,
+            "inference_allowed_mirroring_axes": self.inference_allowed_mirroring_axes,
+        }, filename)
+
+    def load_checkpoint(self, filename_or_checkpoint) -> None:
+        super().load_checkpoint(filename_or_checkpoint)
+        ckpt = filename_or_checkpoint if isinstance(filename_or_checkpoint, dict) else \
+            torch.load(filename_or_checkpoint, map_location=self.device, weights_only=False)
+        if "pdcr_heads" in ckpt:
+            self.pdcr_heads.load_state_dict(ckpt["pdcr_heads"])
+
+
+def _linear(positions: torch.Tensor, spatial: Sequence[int]) -> torch.Tensor:
+    """Flat index of (P, dim) positions in an array of shape ``spatial``."""
+    strides = [int(np.prod(spatial[d + 1:])) for d in range(len(spatial))]
+    return (positions * torch.tensor(strides, device=positions.device)).sum(1)
+
+
+class PDCRUAFSTrainer(PDCRTrainer):
+    """PDCR + UAFS blocks after the PDCR stages."""
+
+    @staticmethod
+    def build_network_architecture(plans_manager, configuration_manager, num_input_channels, num_output_channels,
+                                   enable_deep_supervision: bool = True) -> nn.Module:
+        net = nnUNetTrainer.build_network_architecture(plans_manager, configuration_manager, num_input_channels,
+                                                       num_output_channels, enable_deep_supervision)
+        return convert_decoder(net, uafs_stages=PDCRTrainer.pdcr_stages)
+
+
+class PDCRTrainer_smoke(PDCRTrainer):
+    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
+                 device: torch.device = torch.device("cuda")):
+        super().__init__(plans, configuration, fold, dataset_json, device)
+        self.num_epochs = 2
+        self.num_iterations_per_epoch = 2
+        self.num_val_iterations_per_epoch = 1
+
+
+class PDCRUAFSTrainer_smoke(PDCRUAFSTrainer):
+    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
+                 device: torch.device = torch.device("cuda")):
+        super().__init__(plans, configuration, fold, dataset_json, device)
+        self.num_epochs = 2
+        self.num_iterations_per_epoch = 2
+        self.num_val_iterations_per_epoch = 1
