@@ -19,7 +19,7 @@ from torch import nn
 from nnunet_ssl.core.heads import LocationConditionedHead
 from nnunet_ssl.core.objectives import drasclr_loss
 from nnunet_ssl.core.queue import LocationBinnedQueue
-from nnunet_ssl.nnunet.engine import ContrastivePretrainTrainer
+from nnunet_ssl.nnunet.engine import ContrastivePretrainTrainer, CPUBudget, SmokeBudget
 
 
 def subject_ids(keys) -> torch.Tensor:
@@ -98,19 +98,10 @@ class DrasCLRPretrainTrainer(ContrastivePretrainTrainer):
         self.queue.load_state_dict(state["queue"])
 
 
-class DrasCLRPretrainTrainer_cpu(DrasCLRPretrainTrainer):
-    num_epochs = 40
-    num_iterations_per_epoch = 25
-    num_val_iterations_per_epoch = 4
-    save_every = 5
-    crop_scale = 0.6
-    pairs_per_batch = 4
+class DrasCLRPretrainTrainer_cpu(CPUBudget, DrasCLRPretrainTrainer):
     queue_size = 512
 
 
-class DrasCLRPretrainTrainer_smoke(DrasCLRPretrainTrainer):
-    num_epochs = 2
-    num_iterations_per_epoch = 2
-    num_val_iterations_per_epoch = 1
-    save_every = 1
+
+class DrasCLRPretrainTrainer_smoke(SmokeBudget, DrasCLRPretrainTrainer):
     queue_size = 64

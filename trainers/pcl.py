@@ -11,7 +11,7 @@ from torch import nn
 from nnunet_ssl.core.heads import GlobalProjectionHead
 from nnunet_ssl.core.losses import info_nce
 from nnunet_ssl.core.selection import positional_masks
-from nnunet_ssl.nnunet.engine import ContrastivePretrainTrainer
+from nnunet_ssl.nnunet.engine import ContrastivePretrainTrainer, CPUBudget, SmokeBudget
 
 
 class PCLPretrainTrainer(ContrastivePretrainTrainer):
@@ -46,17 +46,10 @@ class PCLPretrainTrainer(ContrastivePretrainTrainer):
                                                                    "mean_neg_global": stats["mean_neg"]}
 
 
-class PCLPretrainTrainer_cpu(PCLPretrainTrainer):
-    num_epochs = 40
-    num_iterations_per_epoch = 25
-    num_val_iterations_per_epoch = 4
-    save_every = 5
-    crop_scale = 0.6
-    pairs_per_batch = 4
+class PCLPretrainTrainer_cpu(CPUBudget, PCLPretrainTrainer):
+    pass
 
 
-class PCLPretrainTrainer_smoke(PCLPretrainTrainer):
-    num_epochs = 2
-    num_iterations_per_epoch = 2
-    num_val_iterations_per_epoch = 1
-    save_every = 1
+
+class PCLPretrainTrainer_smoke(SmokeBudget, PCLPretrainTrainer):
+    pass

@@ -200,7 +200,9 @@ class PDCRUAFSTrainer(PDCRTrainer):
         return convert_decoder(net, uafs_stages=PDCRTrainer.pdcr_stages)
 
 
-class PDCRTrainer_smoke(PDCRTrainer):
+class _SmokeSegmentation:
+    """2 epochs x 2 iterations (set-up check)."""
+
     def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
                  device: torch.device = torch.device("cuda")):
         super().__init__(plans, configuration, fold, dataset_json, device)
@@ -209,10 +211,9 @@ class PDCRTrainer_smoke(PDCRTrainer):
         self.num_val_iterations_per_epoch = 1
 
 
-class PDCRUAFSTrainer_smoke(PDCRUAFSTrainer):
-    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
-                 device: torch.device = torch.device("cuda")):
-        super().__init__(plans, configuration, fold, dataset_json, device)
-        self.num_epochs = 2
-        self.num_iterations_per_epoch = 2
-        self.num_val_iterations_per_epoch = 1
+class PDCRTrainer_smoke(_SmokeSegmentation, PDCRTrainer):
+    pass
+
+
+class PDCRUAFSTrainer_smoke(_SmokeSegmentation, PDCRUAFSTrainer):
+    pass

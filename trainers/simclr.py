@@ -7,7 +7,7 @@ from torch import nn
 from nnunet_ssl.core.heads import GlobalProjectionHead
 from nnunet_ssl.core.losses import info_nce
 from nnunet_ssl.core.selection import instance_masks
-from nnunet_ssl.nnunet.engine import ContrastivePretrainTrainer
+from nnunet_ssl.nnunet.engine import ContrastivePretrainTrainer, CPUBudget, SmokeBudget
 
 
 class SimCLRPretrainTrainer(ContrastivePretrainTrainer):
@@ -31,18 +31,10 @@ class SimCLRPretrainTrainer(ContrastivePretrainTrainer):
         return loss, {"mean_pos_global": stats["mean_pos"], "mean_neg_global": stats["mean_neg"]}
 
 
-class SimCLRPretrainTrainer_cpu(SimCLRPretrainTrainer):
+class SimCLRPretrainTrainer_cpu(CPUBudget, SimCLRPretrainTrainer):
     """The CPU budget of SpadePretrainTrainer_cpu."""
-    num_epochs = 40
-    num_iterations_per_epoch = 25
-    num_val_iterations_per_epoch = 4
-    save_every = 5
-    crop_scale = 0.6
-    pairs_per_batch = 4
 
 
-class SimCLRPretrainTrainer_smoke(SimCLRPretrainTrainer):
-    num_epochs = 2
-    num_iterations_per_epoch = 2
-    num_val_iterations_per_epoch = 1
-    save_every = 1
+
+class SimCLRPretrainTrainer_smoke(SmokeBudget, SimCLRPretrainTrainer):
+    pass

@@ -8,7 +8,7 @@ from nnunet_ssl.core.losses import affinity_weighted_loss
 from nnunet_ssl.core.heads import DenseProjectionHead, GlobalProjectionHead
 from nnunet_ssl.core.objectives import dense_correspondence_loss, spade_global_loss
 from nnunet_ssl.core.selection import contrastive_masks
-from nnunet_ssl.nnunet.engine import ContrastivePretrainTrainer
+from nnunet_ssl.nnunet.engine import ContrastivePretrainTrainer, CPUBudget, SmokeBudget
 
 
 class SpadePretrainTrainer(ContrastivePretrainTrainer):
@@ -73,24 +73,14 @@ class SpadePretrainTrainer(ContrastivePretrainTrainer):
                                    f"r_neg={self.r_neg} of each other; use smaller r_pos/r_neg for this dataset")
 
 
-class SpadePretrainTrainer_cpu(SpadePretrainTrainer):
-    """Short budget for CPU machines (minutes, not days); pair with a small-network plan (nnUNetPlannerSmall)."""
-    num_epochs = 40
-    num_iterations_per_epoch = 25
-    num_val_iterations_per_epoch = 4
-    save_every = 5
-    crop_scale = 0.6
-    pairs_per_batch = 4
+class SpadePretrainTrainer_cpu(CPUBudget, SpadePretrainTrainer):
     local_samples = 64
 
 
-class SpadePretrainTrainer_smoke(SpadePretrainTrainer):
-    """2 epochs x 2 iterations: checks that a dataset and set-up work end to end (not a useful pretraining)."""
-    num_epochs = 2
-    num_iterations_per_epoch = 2
-    num_val_iterations_per_epoch = 1
-    save_every = 1
+
+class SpadePretrainTrainer_smoke(SmokeBudget, SpadePretrainTrainer):
     local_samples = 32
+
 
 
 class SpadeSoftPretrainTrainer(SpadePretrainTrainer):
@@ -137,19 +127,10 @@ class SpadeSoftPretrainTrainer(SpadePretrainTrainer):
         ContrastivePretrainTrainer.on_train_epoch_end(self, train_outputs)
 
 
-class SpadeSoftPretrainTrainer_cpu(SpadeSoftPretrainTrainer):
-    num_epochs = 40
-    num_iterations_per_epoch = 25
-    num_val_iterations_per_epoch = 4
-    save_every = 5
-    crop_scale = 0.6
-    pairs_per_batch = 4
+class SpadeSoftPretrainTrainer_cpu(CPUBudget, SpadeSoftPretrainTrainer):
     local_samples = 64
 
 
-class SpadeSoftPretrainTrainer_smoke(SpadeSoftPretrainTrainer):
-    num_epochs = 2
-    num_iterations_per_epoch = 2
-    num_val_iterations_per_epoch = 1
-    save_every = 1
+
+class SpadeSoftPretrainTrainer_smoke(SmokeBudget, SpadeSoftPretrainTrainer):
     local_samples = 32

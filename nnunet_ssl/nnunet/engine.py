@@ -149,6 +149,30 @@ class ContrastiveModel(nn.Module):
                 else head(feats[self.head_inputs[name]]) for name, head in self.heads.items()}
 
 
+class BudgetMixin:
+    """Base of declarative budget presets; put a preset first in the bases so its values win:
+    ``class SpadePretrainTrainer_cpu(CPUBudget, SpadePretrainTrainer)``."""
+
+
+class CPUBudget(BudgetMixin):
+    """Minutes on a 2-core CPU (with a small-network plan, nnUNetPlannerSmall): 40 x 25 iterations, 4 cases per
+    step, crops 0.6 x the plans' patch."""
+    num_epochs = 40
+    num_iterations_per_epoch = 25
+    num_val_iterations_per_epoch = 4
+    save_every = 5
+    crop_scale = 0.6
+    pairs_per_batch = 4
+
+
+class SmokeBudget(BudgetMixin):
+    """2 epochs x 2 iterations: checks that a dataset and set-up work end to end (not a useful pretraining)."""
+    num_epochs = 2
+    num_iterations_per_epoch = 2
+    num_val_iterations_per_epoch = 1
+    save_every = 1
+
+
 class ContrastivePretrainTrainer(nnUNetTrainer):
     """Engine for two-view contrastive pretraining; subclasses implement build_heads and compute_loss."""
 
@@ -212,7 +236,7 @@ class ContrastivePretrainTrainer(nnUNetTrainer):
         """Class-level settings of the method and its budget, recorded in the log and in checkpoints."""
         out = {}
         for klass in reversed(type(self).__mro__):
-            if issubclass(klass, ContrastivePretrainTrainer):
+            if issubclass(klass, (ContrastivePretrainTrainer, BudgetMixin)):
                 out.update({k: v for k, v in vars(klass).items() if not k.startswith("_")
                             and isinstance(v, (int, float, str, bool, tuple, dict, type(None)))})
         return out
