@@ -16,7 +16,6 @@ Method hyper-parameters and the training budget are class attributes, so variant
 from __future__ import annotations
 
 import copy
-import os
 from time import time
 from typing import Dict, List, Optional, Sequence, Tuple
 
