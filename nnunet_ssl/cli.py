@@ -57,6 +57,14 @@ def _cmd_inspect_embeddings(args) -> int:
     return 0
 
 
+def _cmd_check_weights(args) -> int:
+    _require_env("nnUNet_preprocessed")
+    from nnunet_ssl.nnunet.weights import check_weights, explain
+    report = check_weights(args.checkpoint, str(args.d), args.c, args.p, args.tr)
+    print("\n".join(explain(report)))
+    return 0 if report["ok"] else 1
+
+
 def _require_env(*names: str) -> None:
     missing = [n for n in names if not os.environ.get(n)]
     if missing:
@@ -129,6 +137,15 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("-o", default="embeddings.png", help="output PNG")
     s.add_argument("--device", default="cpu")
     s.set_defaults(func=_cmd_inspect_embeddings)
+
+    s = sub.add_parser("check-weights", help="say before training whether a checkpoint's weights fit a dataset's "
+                                             "configuration (-pretrained_weights), and what differs")
+    s.add_argument("checkpoint")
+    s.add_argument("-d", required=True, help="target dataset id or name (planned)")
+    s.add_argument("-c", default="3d_fullres")
+    s.add_argument("-p", default="nnUNetPlans", help="target plans identifier")
+    s.add_argument("-tr", default="nnUNetTrainer", help="fine-tuning trainer whose network receives the weights")
+    s.set_defaults(func=_cmd_check_weights)
     return p
 
 
