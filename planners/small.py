@@ -7,17 +7,22 @@ architecture matches (``nnunet-ssl check-weights`` tells)."""
 from nnunetv2.experiment_planning.experiment_planners.default_experiment_planner import ExperimentPlanner
 
 
-class nnUNetPlannerSmall(ExperimentPlanner):
-    default_plans_name = "nnUNetPlansSmall"
-    base_num_features = 8
-    max_num_features = 128
-    batch_size = 2
+class PluginPlanner(ExperimentPlanner):
+    """nnU-Net's planner with the plugin planner's own plans name as default (``default_plans_name``)."""
+    default_plans_name = "nnUNetPlans"
 
     def __init__(self, dataset_name_or_id, gpu_memory_target_in_gb: float = 8,
                  preprocessor_name: str = "DefaultPreprocessor", plans_name: str = None,
                  overwrite_target_spacing=None, suppress_transpose: bool = False):
         super().__init__(dataset_name_or_id, gpu_memory_target_in_gb, preprocessor_name,
                          plans_name or self.default_plans_name, overwrite_target_spacing, suppress_transpose)
+
+
+class nnUNetPlannerSmall(PluginPlanner):
+    default_plans_name = "nnUNetPlansSmall"
+    base_num_features = 8
+    max_num_features = 128
+    batch_size = 2
 
     def get_plans_for_configuration(self, spacing, median_shape, data_identifier, approximate_n_voxels_dataset,
                                     _cache):
@@ -38,7 +43,7 @@ class nnUNetPlannerTiny(nnUNetPlannerSmall):
     max_num_features = 16
 
 
-class nnUNetPlannerFixed(ExperimentPlanner):
+class nnUNetPlannerFixed(PluginPlanner):
     """Dataset-independent patch size and U-Net topology, so any two datasets planned with it can exchange weights
     (``-pretrained_weights`` across datasets). Spacing, normalisation and resampling remain nnU-Net's per-dataset
     choices; only the architecture and patch are pinned. Input channels still have to match."""
@@ -47,12 +52,6 @@ class nnUNetPlannerFixed(ExperimentPlanner):
     patch_size_2d = (128, 128)
     features = (32, 64, 128, 256, 320)
     batch_size = 2
-
-    def __init__(self, dataset_name_or_id, gpu_memory_target_in_gb: float = 8,
-                 preprocessor_name: str = "DefaultPreprocessor", plans_name: str = None,
-                 overwrite_target_spacing=None, suppress_transpose: bool = False):
-        super().__init__(dataset_name_or_id, gpu_memory_target_in_gb, preprocessor_name,
-                         plans_name or self.default_plans_name, overwrite_target_spacing, suppress_transpose)
 
     def get_plans_for_configuration(self, spacing, median_shape, data_identifier, approximate_n_voxels_dataset,
                                     _cache):

@@ -39,6 +39,8 @@ from nnunetv2.utilities.default_n_proc_DA import get_allowed_n_proc_DA
 from nnunetv2.utilities.helpers import dummy_context
 from nnunetv2.utilities.label_handling.label_handling import determine_num_input_channels
 
+from nnunet_ssl.core.heads import GlobalProjectionHead
+from nnunet_ssl.core.losses import info_nce
 from nnunet_ssl.core.objectives import momentum_update
 from nnunet_ssl.nnunet.checkpoint import atomic_torch_save, load_checkpoint_file
 from nnunet_ssl.nnunet.pair_loader import TwoViewDataLoader
@@ -508,3 +510,24 @@ class ContrastivePretrainTrainer(nnUNetTrainer):
         self.best_val_loss = ckpt.get("ssl_best_val_loss")
         self.inference_allowed_mirroring_axes = ckpt.get("inference_allowed_mirroring_axes",
                                                          self.inference_allowed_mirroring_axes)
+
+
+class GlobalContrastTrainer(ContrastivePretrainTrainer):
+    """Crop-level contrast only: bottleneck -> GAP -> MLP -> unit embedding, InfoNCE over the masks of
+    ``pair_selection``. A method on it declares its selection rule (and may rescale the loss)."""
+
+    temperature: float = 0.1
+    global_hidden_dim: int = 512
+    global_out_dim: int = 128
+
+    head_inputs = {"global": "bottleneck"}
+    logged_terms = ("mean_pos_global", "mean_neg_global")
+
+    def build_heads(self) -> nn.ModuleDict:
+        return nn.ModuleDict({"global": GlobalProjectionHead(self.feature_channels("bottleneck"),
+                                                             self.global_hidden_dim, self.global_out_dim)})
+
+    def compute_loss(self, outputs, batch):
+        pos, neg = self.pair_selection(batch)
+        loss, stats = info_nce(outputs["global"], None, pos, neg, self.temperature)
+        return loss, {"mean_pos_global": stats["mean_pos"], "mean_neg_global": stats["mean_neg"]}
