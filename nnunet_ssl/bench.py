@@ -2,7 +2,9 @@
 
 All trainers are built on the same plans and configuration in one process and timed *interleaved* (one step of
 each in turn, repeated), so machine noise hits them alike. Data loading is excluded from the step time (batches
-are drawn before the clock starts); the loaders are timed separately.
+are drawn before the clock starts); the loaders are timed separately. For pretraining trainers the share of the
+step spent in pair selection + loss (``compute_loss``) is timed inside the same steps, and each goal of the issue
+(step ratio, loss share, loader ratio) is reported as met or missed.
 """
 from __future__ import annotations
 
@@ -10,15 +12,25 @@ import json
 import os
 import tempfile
 import time
-from typing import Dict, List, Sequence
+from collections.abc import Sequence
 
 import numpy as np
 import torch
 
+# goals of the issue that introduced bench-speed (same plans and batch size, interleaved in one run)
+GOAL_STEP_RATIO = 2.2     # pretraining step <= 2.2 x a stock nnUNetTrainer step
+GOAL_LOSS_SHARE = 0.05    # pair selection + loss (compute_loss) <= 5 % of a pretraining step
+GOAL_LOADER_RATIO = 0.45  # two-view loader >= 0.45 x the standard loader's batches/s
 
-def _build(trainer_name: str, dataset: str, configuration: str, plans: str, device: torch.device):
+
+def _build(trainer_name: str, dataset: str, configuration: str, plans: str, device: torch.device,
+           cpu_bf16: bool | None = None):
     from nnunetv2.run.run_training import get_trainer_from_args
+
+    from nnunet_ssl.nnunet.cpu_fast import CPUFastPathMixin
     tr = get_trainer_from_args(dataset, configuration, 0, trainer_name, plans, False, device)
+    if cpu_bf16 is not None and isinstance(tr, CPUFastPathMixin):
+        tr.cpu_bf16 = cpu_bf16  # before on_train_start -> initialize, where the fast path is set up
     tr.num_epochs = max(tr.num_epochs, 1)
     tr.on_train_start()
     tr.on_epoch_start()
@@ -31,53 +43,152 @@ def _sync(device):
         torch.cuda.synchronize()
 
 
+def _precision(tr, dev: torch.device) -> str:
+    if dev.type == "cuda":
+        return "amp-fp16"
+    return "bf16" if getattr(tr, "cpu_fast_path", False) else "fp32"
+
+
+def _is_pretraining(tr) -> bool:
+    from nnunet_ssl.nnunet.engine import ContrastivePretrainTrainer
+    return isinstance(tr, ContrastivePretrainTrainer)
+
+
+def _time_compute_loss(tr, dev: torch.device, sink: list[float]):
+    """Wrap the trainer's compute_loss (pair selection + loss) so that each call's duration lands in ``sink``;
+    synchronised on CUDA so the time is the loss's own, not the forward's queued kernels (the two extra
+    synchronisations cost the step the overlap of the loss's kernel launches with the forward's kernels, so a
+    pretraining step measures slightly longer on CUDA; on CPU they do nothing)."""
+    original = tr.compute_loss
+
+    def timed(outputs, batch):
+        _sync(dev)
+        t = time.perf_counter()
+        result = original(outputs, batch)
+        _sync(dev)
+        sink.append(time.perf_counter() - t)
+        return result
+
+    tr.compute_loss = timed
+
+
+def _data_loader(tr):
+    aug = tr.dataloader_train
+    return getattr(aug, "data_loader", None) or getattr(aug, "generator", None)
+
+
+def _loader_single_process(loaders: dict[str, object], n: int) -> dict[str, float]:
+    """Batches/s of each loader in this process, interleaved batch by batch (the trainer's own augmentation).
+    Mean rate, not the median batch: nnU-Net's spatial augmentation runs on a random ~1/3 of the samples, so batch
+    times are bimodal and the median jumps between the cheap and the expensive mode."""
+    times: dict[str, list[float]] = {k: [] for k in loaders}
+    for _ in range(n):
+        for name, dl in loaders.items():
+            t = time.perf_counter()
+            dl.generate_train_batch()
+            times[name].append(time.perf_counter() - t)
+    return {k: len(v) / float(np.sum(v)) for k, v in times.items()}
+
+
+def _loader_workers(dl, workers: int, n: int, pin_memory: bool) -> float:
+    """Batches/s of ``dl`` behind nnU-Net's background augmenter with ``workers`` processes (as in
+    nnUNetTrainer.get_dataloaders), in steady state: the batches made while the workers started and the first
+    batch was awaited sit in the queue and are drained before the clock starts."""
+    from batchgenerators.dataloading.nondet_multi_threaded_augmenter import (
+        NonDetMultiThreadedAugmenter,
+    )
+    num_cached = max(6, workers // 2)
+    gen = NonDetMultiThreadedAugmenter(dl, None, workers, num_cached, None, pin_memory, 0.002)
+    try:
+        for _ in range(1 + num_cached + workers):
+            next(gen)
+        t = time.perf_counter()
+        for _ in range(n):
+            next(gen)
+        return n / (time.perf_counter() - t)
+    finally:
+        gen._finish()
+
+
 def bench_speed(dataset: str, configuration: str = "3d_fullres", plans: str = "nnUNetPlans",
                 trainers: Sequence[str] = ("nnUNetTrainer", "SpadePretrainTrainer"), iterations: int = 10,
-                warmup: int = 2, device: str = "cpu") -> Dict:
+                warmup: int = 2, device: str = "cpu", cpu_bf16: str = "auto", workers: int = 0,
+                loader_batches: int | None = None) -> dict:
+    """``cpu_bf16``: 'auto' (each trainer's own setting), 'on'/'off' (forced for the plugin's trainers), 'compare'
+    (each plugin trainer twice, float32 and bf16, all interleaved). ``workers`` > 0 also times the loaders behind
+    nnU-Net's NonDetMultiThreadedAugmenter with that many processes."""
+    from nnunet_ssl.nnunet.cpu_fast import ENV_VAR, CPUFastPathMixin
     dev = torch.device(device)
     os.environ.setdefault("nnUNet_n_proc_DA", "0")
     results_tmp = tempfile.mkdtemp(prefix="nnunet_ssl_bench_")
     os.environ["nnUNet_results"] = results_tmp  # benchmark runs must not touch real results
-    built = {name: _build(name, dataset, configuration, plans, dev) for name in trainers}
-    batches = {name: [next(tr.dataloader_train) for _ in range(warmup + iterations)] for name, tr in built.items()}
-    times: Dict[str, List[float]] = {name: [] for name in trainers}
-    peak: Dict[str, float] = {}
+    if cpu_bf16 != "auto":
+        os.environ.pop(ENV_VAR, None)  # the explicit choice of this run wins over the environment
+    setting = {"auto": None, "on": True, "off": False, "compare": False}[cpu_bf16]
+    built: dict[str, object] = {}  # label -> trainer
+    trainer_of: dict[str, str] = {}
+    for name in trainers:
+        tr = _build(name, dataset, configuration, plans, dev, setting)
+        variants = [(tr, False)]
+        if cpu_bf16 == "compare" and dev.type == "cpu" and isinstance(tr, CPUFastPathMixin):
+            variants.append((_build(name, dataset, configuration, plans, dev, True), True))
+        for t, _ in variants:
+            label = f"{name} [{_precision(t, dev)}]" if cpu_bf16 == "compare" else name
+            built[label], trainer_of[label] = t, name
+    labels = list(built)
+    precision = {k: _precision(tr, dev) for k, tr in built.items()}
+    batches = {k: [next(tr.dataloader_train) for _ in range(warmup + iterations)] for k, tr in built.items()}
+    times: dict[str, list[float]] = {k: [] for k in labels}
+    loss_times: dict[str, list[float]] = {k: [] for k in labels if _is_pretraining(built[k])}
+    peak: dict[str, float] = {}
     for i in range(warmup + iterations):
-        for name, tr in built.items():
+        if i == warmup:  # time compute_loss only in the timed iterations
+            for k, sink in loss_times.items():
+                _time_compute_loss(built[k], dev, sink)
+        for k, tr in built.items():
             if dev.type == "cuda":
                 torch.cuda.reset_peak_memory_stats()
             _sync(dev)
             t = time.perf_counter()
-            tr.train_step(batches[name][i])
+            tr.train_step(batches[k][i])
             _sync(dev)
             if i >= warmup:
-                times[name].append(time.perf_counter() - t)
+                times[k].append(time.perf_counter() - t)
             if dev.type == "cuda":
-                peak[name] = max(peak.get(name, 0), torch.cuda.max_memory_allocated() / 2 ** 20)
-    # loader throughput (single process, the trainer's own augmentation)
-    loader = {}
-    for name, tr in built.items():
-        aug = tr.dataloader_train
-        dl = getattr(aug, "data_loader", None) or getattr(aug, "generator", None)
-        if dl is None:
-            continue
-        t = time.perf_counter()
-        n = max(3, iterations // 2)
-        for _ in range(n):
-            dl.generate_train_batch()
-        loader[name] = n / (time.perf_counter() - t)
-    base = trainers[0]
+                peak[k] = max(peak.get(k, 0), torch.cuda.max_memory_allocated() / 2 ** 20)
     med = {k: float(np.median(v)) for k, v in times.items()}
+    # reference of each run: the first trainer at the same precision (float32 reference for bf16 runs of
+    # trainers that have no fast path, e.g. the stock nnUNetTrainer)
+    first = [k for k in labels if trainer_of[k] == trainers[0]]
+    ref = {k: next((r for r in first if precision[r] == precision[k]), first[0]) for k in labels}
+    # loaders: one per trainer (precision does not change them)
+    n = loader_batches or max(20, 2 * iterations)  # loader batches are cheap; their times vary with augmentation
+    loaders = {}
+    for k in labels:
+        if trainer_of[k] not in loaders and _data_loader(built[k]) is not None:
+            loaders[trainer_of[k]] = _data_loader(built[k])
+    loader = _loader_single_process(loaders, n)
+    loader_workers = {name: _loader_workers(dl, workers, n, dev.type == "cuda") for name, dl in loaders.items()} \
+        if workers > 0 else {}
     report = {
         "device": torch.cuda.get_device_name(0) if dev.type == "cuda" else f"cpu ({os.cpu_count()} cores, "
                                                                            f"{torch.get_num_threads()} threads)",
         "dataset": dataset, "configuration": configuration, "plans": plans, "iterations": iterations,
+        "reference": trainers[0], "trainer": trainer_of, "precision": precision,
         "batch_size": {k: int(tr.batch_size) for k, tr in built.items()},
-        "step_s_median": med, "step_ratio_vs_" + base: {k: med[k] / med[base] for k in med},
-        "loader_batches_per_s": loader,
+        "step_s_median": med, "step_ratio_vs_reference": {k: med[k] / med[ref[k]] for k in labels},
+        "loss_s_median": {k: float(np.median(v)) for k, v in loss_times.items()},
+        "loss_share_of_step": {k: float(np.median(v)) / med[k] for k, v in loss_times.items()},
+        "loader_batches_per_s": loader, "loader_workers": workers,
+        "loader_batches_per_s_workers": loader_workers,
         "peak_mem_mib": peak or None,
+        "peak_mem_ratio_vs_reference": {k: peak[k] / peak[ref[k]] for k in labels} if peak else None,
         "date": time.strftime("%Y-%m-%d"),
     }
+    if cpu_bf16 == "compare":
+        report["bf16_speedup"] = {
+            name: med[f"{name} [fp32]"] / med[f"{name} [bf16]"] for name in trainers if f"{name} [bf16]" in med}
+    report["goals"] = _goals(report)
     for tr in built.values():  # stop background augmentation workers
         for gen in (tr.dataloader_train, tr.dataloader_val):
             if hasattr(gen, "_finish"):
@@ -85,19 +196,62 @@ def bench_speed(dataset: str, configuration: str = "3d_fullres", plans: str = "n
     return report
 
 
-def format_report(r: Dict) -> str:
-    base = next(iter(r["step_s_median"]))
-    lines = [f"device: {r['device']}; {r['dataset']} {r['configuration']} {r['plans']}; {r['iterations']} timed "
-             f"iterations (median), {r['date']}", "", "| trainer | batch (cases) | step [s] | x stock | loader [batches/s] |",
-             "|---|---|---|---|---|"]
+def _goals(r: dict) -> list[dict]:
+    """Each goal of the issue, per pretraining run (the runs whose compute_loss was timed): value, met."""
+    goals = []
+    standard = r["reference"]
+    pretraining = list(r["loss_share_of_step"])
+    reference_is_stock = not any(r["trainer"][k] == standard for k in pretraining)
+    for k in pretraining:
+        if reference_is_stock:
+            ratio = r["step_ratio_vs_reference"][k]
+            goals.append({"run": k, "goal": f"step <= {GOAL_STEP_RATIO} x {standard}", "value": ratio,
+                          "met": ratio <= GOAL_STEP_RATIO})
+        share = r["loss_share_of_step"][k]
+        goals.append({"run": k, "goal": f"pair selection + loss <= {GOAL_LOSS_SHARE:.0%} of the step",
+                      "value": share, "met": share <= GOAL_LOSS_SHARE})
+    if reference_is_stock:
+        for name in dict.fromkeys(r["trainer"][k] for k in pretraining):
+            for mode, rates in (("single process", r["loader_batches_per_s"]),
+                                (f"{r['loader_workers']} workers", r["loader_batches_per_s_workers"])):
+                if name in rates and standard in rates:
+                    ratio = rates[name] / rates[standard]
+                    goals.append({"run": name, "goal": f"two-view loader >= {GOAL_LOADER_RATIO} x standard loader "
+                                  f"({mode})", "value": ratio, "met": ratio >= GOAL_LOADER_RATIO})
+    return goals
+
+
+def format_report(r: dict) -> str:
+    nan = float("nan")
+    peak = r.get("peak_mem_mib") or {}
+    lines = [(f"device: {r['device']}; {r['dataset']} {r['configuration']} {r['plans']}; {r['iterations']} timed "
+              f"iterations (median), trainers interleaved; data loading excluded from the step; {r['date']}"), "",
+             (f"| run | precision | batch (cases) | step [s] | x {r['reference']} | selection + loss [s] | share of "
+              "step | peak memory [MiB] | x memory |"), "|---|---|---|---|---|---|---|---|---|"]
     for k, v in r["step_s_median"].items():
-        lines.append(f"| {k} | {r['batch_size'][k]} | {v:.3f} | {v / r['step_s_median'][base]:.2f} | "
-                     f"{r['loader_batches_per_s'].get(k, float('nan')):.2f} |")
+        mem = f"{peak[k]:.0f} | {r['peak_mem_ratio_vs_reference'][k]:.2f}" if k in peak else "n/a | n/a"
+        loss = f"{r['loss_s_median'][k]:.4f} | {r['loss_share_of_step'][k]:.1%}" if k in r["loss_s_median"] \
+            else "- | -"
+        lines.append(f"| {k} | {r['precision'][k]} | {r['batch_size'][k]} | {v:.4f} | "
+                     f"{r['step_ratio_vs_reference'][k]:.2f} | {loss} | {mem} |")
+    if r.get("bf16_speedup"):
+        lines += ["", "bf16 speed-up (fp32 step / bf16 step): " + ", ".join(
+            f"{k} {v:.2f}x" for k, v in r["bf16_speedup"].items())]
+    workers = r["loader_workers"]
+    lines += ["", f"| loader of | single process [batches/s] | {workers} workers [batches/s] |", "|---|---|---|"]
+    for k, v in r["loader_batches_per_s"].items():
+        lines.append(f"| {k} | {v:.2f} | {r['loader_batches_per_s_workers'].get(k, nan):.2f} |")
+    if r["goals"]:
+        lines += ["", "goals:"]
+        for g in r["goals"]:
+            value = f"{g['value']:.1%}" if "%" in g["goal"] else f"{g['value']:.2f}"
+            lines.append(f"  {'met   ' if g['met'] else 'MISSED'}  {g['run']}: {g['goal']} (measured {value})")
     return "\n".join(lines)
 
 
 def main_bench(args) -> int:
-    r = bench_speed(str(args.d), args.c, args.p, args.tr, args.iterations, device=args.device)
+    r = bench_speed(str(args.d), args.c, args.p, args.tr, args.iterations, device=args.device,
+                    cpu_bf16=args.cpu_bf16, workers=args.workers)
     print(format_report(r))
     if args.json:
         with open(args.json, "w") as f:

@@ -14,6 +14,45 @@ def _cmd_env(args) -> int:
     return 0
 
 
+def _first_paragraph(doc: str | None) -> str:
+    return " ".join((doc or "").strip().split("\n\n")[0].split())
+
+
+def describe_trainer(cls, registry) -> str:
+    """One line: the class's own docstring, else what kind of variant it is, else its module's docstring."""
+    own = _first_paragraph(cls.__dict__.get("__doc__"))
+    if own:
+        return own
+    base = next((b for b in cls.__mro__[1:] if b.__name__ in registry), None)
+    mixin = next((b for b in cls.__bases__ if b.__name__ not in registry and b.__doc__), None)
+    if base is not None:
+        return f"{base.__name__} variant" + (f": {_first_paragraph(mixin.__doc__)}" if mixin is not None else "")
+    return _first_paragraph(getattr(sys.modules.get(cls.__module__), "__doc__", None))
+
+
+def _cmd_trainers(args) -> int:
+    from nnunet_ssl.trainers import PRETRAINING_TRAINERS, SEGMENTATION_TRAINERS
+    registry = {**PRETRAINING_TRAINERS, **SEGMENTATION_TRAINERS}
+    width = max(map(len, registry)) + 2
+    sections = (("Pretraining trainers (nnUNetv2_train D CONF all -tr NAME; hand-off: fold_all/checkpoint_final.pth)",
+                 PRETRAINING_TRAINERS),
+                ("Segmentation trainers (nnUNetv2_train D CONF FOLD -tr NAME [-pretrained_weights FILE])",
+                 SEGMENTATION_TRAINERS))
+    for title, trainers in sections:
+        print(title)
+        for name, cls in trainers.items():
+            budget = (f"{cls.num_epochs} x {cls.num_iterations_per_epoch}"
+                      if isinstance(getattr(cls, "num_epochs", None), int) else "")
+            print(f"  {name:<{width}}{budget:<12}{describe_trainer(cls, registry)}")
+    if args.all:
+        from nnunet_ssl.nnunet import command_errors
+        for title, names in (("nnU-Net's trainers", command_errors.nnunet_trainer_names()),
+                             ("Your trainers (nnUNet_extTrainer)", command_errors.external_trainer_names())):
+            print(f"{title} ({len(names)}):")
+            print("\n".join(f"  {n}" for n in names) if names else "  none")
+    return 0
+
+
 def _cmd_plan(args) -> int:
     _require_env("nnUNet_raw", "nnUNet_preprocessed")
     from nnunet_ssl.nnunet.planning import plan_and_preprocess
@@ -22,6 +61,18 @@ def _cmd_plan(args) -> int:
                                 verify_dataset_integrity=args.verify_dataset_integrity, verbose=True)
     print(f"plans identifier: {ident}  (use: nnUNetv2_train {args.d} {args.c[0] if args.c else 'CONF'} FOLD "
           f"-p {ident} ...)")
+    return 0
+
+
+def _cmd_add_unlabeled(args) -> int:
+    _require_env("nnUNet_preprocessed")
+    from nnunet_ssl.nnunet.unlabeled import UnlabeledCasesError, add_unlabeled
+    try:
+        add_unlabeled(args.d, args.i, args.c, args.p, args.np, overwrite=args.overwrite)
+    except UnlabeledCasesError as e:
+        raise SystemExit(f"nnunet-ssl add-unlabeled: {e}") from None
+    print(f"pretraining trainers (nnUNetv2_train {args.d} {args.c[0]} FOLD -tr SpadePretrainTrainer -p {args.p}) now "
+          f"train on these cases too; fine-tuning and nnU-Net's own training never see them")
     return 0
 
 
@@ -41,6 +92,11 @@ def _cmd_bench_speed(args) -> int:
     _require_env("nnUNet_raw", "nnUNet_preprocessed")
     from nnunet_ssl.bench import main_bench
     return main_bench(args)
+
+
+def _cmd_benchmark(args) -> int:
+    from nnunet_ssl.benchmark import main_benchmark
+    return main_benchmark(args)
 
 
 def _cmd_inspect_pairs(args) -> int:
@@ -79,6 +135,11 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("env", help="print the export line that makes nnU-Net find the plugin's trainers")
     s.set_defaults(func=_cmd_env)
 
+    s = sub.add_parser("trainers", help="list the plugin's trainers with their budget (epochs x iterations) and "
+                                        "what they do")
+    s.add_argument("--all", action="store_true", help="also list nnU-Net's trainers and those in nnUNet_extTrainer")
+    s.set_defaults(func=_cmd_trainers)
+
     s = sub.add_parser("plan", help="fingerprint, plan and preprocess a dataset with a plugin (or nnU-Net) planner")
     s.add_argument("-d", type=int, required=True, help="dataset id")
     s.add_argument("-pl", default="nnUNetPlannerSmall", help="planner class (default: nnUNetPlannerSmall)")
@@ -88,6 +149,18 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("-gpu_memory_target", type=float, default=None)
     s.add_argument("--verify_dataset_integrity", action="store_true")
     s.set_defaults(func=_cmd_plan)
+
+    s = sub.add_parser("add-unlabeled", help="preprocess image-only cases with a dataset's plans so that pretraining "
+                                             "trainers use them too (fine-tuning never sees them)")
+    s.add_argument("-d", required=True, help="dataset id or name (planned)")
+    s.add_argument("-i", default=None, help="folder of images named like nnU-Net's (CASE_0000.nii.gz, one file per "
+                                            "channel); default: the dataset's imagesTs in nnUNet_raw")
+    s.add_argument("-c", nargs="+", default=["3d_fullres"], help="configurations (default 3d_fullres)")
+    s.add_argument("-p", default="nnUNetPlans", help="plans identifier (default nnUNetPlans)")
+    s.add_argument("-np", type=int, default=2, help="processes (default 2)")
+    s.add_argument("--overwrite", action="store_true",
+                   help="preprocess every case again, also replacing cases of the same id added from other files")
+    s.set_defaults(func=_cmd_add_unlabeled)
 
     s = sub.add_parser("demo", help="phantom -> pretrain -> fine-tune (scratch vs pretrained) -> predict -> Dice")
     s.add_argument("--dataset", type=int, default=None,
@@ -112,8 +185,37 @@ def build_parser() -> argparse.ArgumentParser:
                    help="trainers; the first is the reference (default: nnUNetTrainer SpadePretrainTrainer)")
     s.add_argument("--iterations", type=int, default=10)
     s.add_argument("--device", default="cpu")
+    s.add_argument("--workers", type=int, default=0,
+                   help="also time the loaders behind nnU-Net's background augmenter with N worker processes")
+    s.add_argument("--cpu-bf16", default="auto", choices=["auto", "on", "off", "compare"],
+                   help="CPU fast path of the plugin's trainers: their own setting (auto), forced on/off, or "
+                        "compare (each such trainer in float32 and bf16, interleaved)")
     s.add_argument("--json", default=None, help="also write the report here")
     s.set_defaults(func=_cmd_bench_speed)
+
+    s = sub.add_parser("benchmark", help="label efficiency: pretrain each method on the pool, fine-tune on k labelled "
+                                         "cases (several seeds), score held-out test cases with nnU-Net")
+    s.add_argument("-d", required=True, help="dataset id or folder name in nnUNet_raw (labelled imagesTr/labelsTr)")
+    s.add_argument("--work-dir", default="nnunet_ssl_benchmark",
+                   help="all outputs (own nnUNet_raw/_preprocessed/_results, results.*); rerun to resume")
+    s.add_argument("--methods", nargs="+", default=None,
+                   help="default: scratch scratch_long simclr pcl spade spade_soft drasclr")
+    s.add_argument("--labeled", nargs="+", type=int, default=None, help="labelled cases k (default 5 20)")
+    s.add_argument("--seeds", nargs="+", type=int, default=None, help="fine-tuning seeds (default 0 1)")
+    s.add_argument("--budget", choices=["cpu", "gpu"], default="cpu",
+                   help="cpu: small network, fixed short schedules; gpu: standard plans and schedules")
+    s.add_argument("--quick", action="store_true", help="smoke scale (tiny network, 2-epoch trainers, k=5, one "
+                                                        "seed, 10 test cases): checks the protocol in minutes")
+    s.add_argument("--precision", choices=["auto", "fp32", "bf16"], default="auto",
+                   help="CPU arithmetic of all trainings (auto: bf16 where the CPU supports it)")
+    s.add_argument("--test-raw", default=None, help="score on this labelled folder (imagesTs+labelsTs or "
+                                                    "imagesTr+labelsTr) instead of a hold-out; all cases form the pool")
+    s.add_argument("--test-fraction", type=float, default=0.25)
+    s.add_argument("--split-seed", type=int, default=0, help="seed of the pool/test split")
+    s.add_argument("-c", default="3d_fullres")
+    s.add_argument("-np", type=int, default=2, help="processes for preprocessing and evaluation")
+    s.add_argument("--device", default="cpu", choices=["cpu", "cuda", "mps"])
+    s.set_defaults(func=_cmd_benchmark)
 
     s = sub.add_parser("inspect-pairs", help="draw one sampled batch with one anchor's positives/negatives/excluded")
     s.add_argument("-d", required=True, help="dataset id or name (planned and preprocessed)")
@@ -151,7 +253,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    return args.func(args)
+    from nnunet_ssl.nnunet.command_errors import BadInputError
+    try:
+        return args.func(args)
+    except BadInputError as error:  # bad input: one line naming the problem and the fix, no traceback
+        raise SystemExit(f"nnunet-ssl {args.command}: error: {error}") from None
 
 
 if __name__ == "__main__":

@@ -32,3 +32,31 @@ def run(cmd, env, timeout=900, cwd=None):
 @pytest.fixture(scope="session")
 def nnunet_bin():
     return BIN
+
+
+TINY_DATASET_ID = 993
+TINY_DATASET = "Dataset993_Tiny"
+
+
+@pytest.fixture(scope="session")
+def tiny_dataset(tmp_path_factory):
+    """nnU-Net folders (raw/preprocessed/results) holding a phantom dataset of 4 cases (24^3) planned with
+    nnUNetPlannerTiny: its plans list 2d and 3d_fullres, only 3d_fullres is preprocessed. Shared by the bad-input and
+    crash/resume tests; tests may add results, but must not change its plans or preprocessed data."""
+    root = tmp_path_factory.mktemp("tiny")
+    for sub in ("raw", "preprocessed", "results"):
+        (root / sub).mkdir()
+    from nnunet_ssl.phantom import make_phantom_dataset
+    make_phantom_dataset(root / "raw", TINY_DATASET_ID, "Tiny", num_train=4, num_test=1, shape=(24, 24, 24), seed=1)
+    saved = {k: os.environ.get(k) for k in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results")}
+    os.environ.update({k: v for k, v in clean_env(root).items() if k in saved})
+    try:  # in-process: saves an interpreter start-up; the variables are restored right after
+        from nnunet_ssl.nnunet.planning import plan_and_preprocess
+        plan_and_preprocess(TINY_DATASET_ID, "nnUNetPlannerTiny", ["3d_fullres"], num_processes=1)
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+    return root

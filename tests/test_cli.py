@@ -72,3 +72,51 @@ def test_demo_on_existing_dataset_holds_out_test_cases(tmp_path):
     assert "| spade |" in res.stdout
     # the user's nnU-Net folders were only read: nothing was written next to the raw data
     assert not (HIPPOCAMPUS / "splits_final.json").exists()
+
+
+def test_bench_speed_goals_are_judged_against_the_issue_thresholds():
+    from nnunet_ssl.bench import _goals, format_report
+    report = {
+        "device": "cpu", "dataset": "1", "configuration": "3d_fullres", "plans": "p", "iterations": 3,
+        "date": "2026-11-26", "reference": "nnUNetTrainer", "loader_workers": 2,
+        "trainer": {"nnUNetTrainer": "nnUNetTrainer", "Spade [fp32]": "Spade", "Spade [bf16]": "Spade"},
+        "precision": {"nnUNetTrainer": "fp32", "Spade [fp32]": "fp32", "Spade [bf16]": "bf16"},
+        "batch_size": {"nnUNetTrainer": 2, "Spade [fp32]": 2, "Spade [bf16]": 2},
+        "step_s_median": {"nnUNetTrainer": 1.0, "Spade [fp32]": 2.3, "Spade [bf16]": 1.1},
+        "step_ratio_vs_reference": {"nnUNetTrainer": 1.0, "Spade [fp32]": 2.3, "Spade [bf16]": 1.1},
+        "loss_s_median": {"Spade [fp32]": 0.1, "Spade [bf16]": 0.1},
+        "loss_share_of_step": {"Spade [fp32]": 0.04, "Spade [bf16]": 0.09},
+        "loader_batches_per_s": {"nnUNetTrainer": 10.0, "Spade": 5.0},
+        "loader_batches_per_s_workers": {"nnUNetTrainer": 20.0, "Spade": 8.0},
+        "peak_mem_mib": None, "peak_mem_ratio_vs_reference": None}
+    report["goals"] = _goals(report)
+    step, loss = "step <= 2.2 x nnUNetTrainer", "pair selection + loss <= 5% of the step"
+    loader = "two-view loader >= 0.45 x standard loader"
+    assert {(g["run"], g["goal"]): g["met"] for g in report["goals"]} == {
+        ("Spade [fp32]", step): False, ("Spade [fp32]", loss): True,
+        ("Spade [bf16]", step): True, ("Spade [bf16]", loss): False,
+        ("Spade", f"{loader} (single process)"): True, ("Spade", f"{loader} (2 workers)"): False}
+    text = format_report(report)
+    assert "MISSED  Spade [fp32]: step <= 2.2 x nnUNetTrainer (measured 2.30)" in text
+    assert "met     Spade: two-view loader >= 0.45 x standard loader (single process) (measured 0.50)" in text
+
+
+@pytest.mark.slow
+def test_bench_speed_reports_loss_share_loaders_and_cpu_bf16(tmp_path):
+    env = clean_env(tmp_path)
+    from nnunet_ssl.phantom import make_phantom_dataset
+    make_phantom_dataset(tmp_path / "raw", 994, "Bench", num_train=6, num_test=0, shape=(24, 24, 24), seed=5)
+    run([BIN / "nnunet-ssl", "plan", "-d", 994, "-pl", "nnUNetPlannerTiny", "-c", "3d_fullres"], env)
+    out = tmp_path / "bench.json"
+    res = run([BIN / "nnunet-ssl", "bench-speed", "-d", 994, "-p", "nnUNetPlansTiny", "-tr", "nnUNetTrainer",
+               "SpadePretrainTrainer", "--iterations", 1, "--workers", 1, "--cpu-bf16", "compare", "--json", out], env)
+    r = json.loads(out.read_text())
+    # the stock trainer has no fast path: it runs once, in float32, and is the reference of both Spade runs
+    assert r["precision"] == {"nnUNetTrainer [fp32]": "fp32", "SpadePretrainTrainer [fp32]": "fp32",
+                              "SpadePretrainTrainer [bf16]": "bf16"}
+    assert set(r["loss_share_of_step"]) == {"SpadePretrainTrainer [fp32]", "SpadePretrainTrainer [bf16]"}
+    assert all(0 < v < 1 for v in r["loss_share_of_step"].values())
+    assert r["bf16_speedup"]["SpadePretrainTrainer"] > 0
+    for rates in (r["loader_batches_per_s"], r["loader_batches_per_s_workers"]):
+        assert set(rates) == {"nnUNetTrainer", "SpadePretrainTrainer"} and all(v > 0 for v in rates.values())
+    assert len(r["goals"]) == 6 and "goals:" in res.stdout and "1 workers [batches/s]" in res.stdout

@@ -82,6 +82,8 @@ class DrasCLRPretrainTrainer(ContrastivePretrainTrainer):
         neg_keys, neg_mask = self.queue.negatives(loc[anchor], subj)
         q_neigh = q[neigh].view(self.num_neighbors, b, -1).transpose(0, 1) if self.num_neighbors else None
         loss, stats = drasclr_loss(q[anchor], k[other], q_neigh, neg_keys, neg_mask, self.temperature, self.beta)
+        # under DDP outputs and batch are the gathered global ones (engine): every rank enqueues the same keys in the
+        # same order, so the queues stay identical without being synchronised
         if self.model.training:  # the queue only learns from training batches
             self.queue.enqueue(k[other], loc[other], subj)
         return loss, {"local": stats["local"], "neighbour": stats["neighbour"], "mean_neg": stats["mean_neg"]}

@@ -7,8 +7,14 @@ Use the same trainer for the from-scratch baseline so the comparison differs onl
 import torch
 from nnunetv2.training.nnUNetTrainer.variants.lr_schedule.nnUNetTrainer_warmup import nnUNetTrainer_warmup
 
+from nnunet_ssl.nnunet.checkpoint import CrashSafeCheckpointsMixin
+from nnunet_ssl.nnunet.cpu_fast import CPUFastPathMixin
 
-class nnUNetTrainerFinetune(nnUNetTrainer_warmup):
+
+class nnUNetTrainerFinetune(CrashSafeCheckpointsMixin, CPUFastPathMixin, nnUNetTrainer_warmup):
+    """nnU-Net's warm-up trainer with the budget as class attributes; on CPUs with native bf16 it trains with bf16
+    autocast + channels-last (``cpu_bf16``, see nnunet_ssl.nnunet.cpu_fast)."""
+
     num_epochs = 1000
     warmup_epochs = 50
     num_iterations_per_epoch = 250
@@ -40,3 +46,21 @@ class nnUNetTrainerFinetune_smoke(nnUNetTrainerFinetune):
     warmup_epochs = 1
     num_iterations_per_epoch = 2
     num_val_iterations_per_epoch = 1
+
+
+# scratch baselines trained for as many iterations as pretraining + fine-tuning (nnunet-ssl benchmark's
+# `scratch_long`): a pretrained model has seen pretraining's iterations too, so this isolates the effect of the
+# pretrained initialisation from that of a longer schedule.
+class nnUNetTrainerFinetune_long(nnUNetTrainerFinetune):
+    """1300 epochs x 250: the GPU pretraining budget (300 x 250) + nnUNetTrainerFinetune (1000 x 250)."""
+    num_epochs = 1300
+
+
+class nnUNetTrainerFinetune_cpu_long(nnUNetTrainerFinetune_cpu):
+    """80 epochs x 25: the *_cpu pretraining budget (40 x 25) + nnUNetTrainerFinetune_cpu (40 x 25)."""
+    num_epochs = 80
+
+
+class nnUNetTrainerFinetune_smoke_long(nnUNetTrainerFinetune_smoke):
+    """4 epochs x 2: the *_smoke pretraining budget + nnUNetTrainerFinetune_smoke."""
+    num_epochs = 4

@@ -25,13 +25,15 @@ from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 from nnunetv2.utilities.helpers import dummy_context
 
 from nnunet_ssl.core.composition import composition_affinity, grid_positions, label_composition
+from nnunet_ssl.core.distributed import average_gradients_, broadcast_parameters_
 from nnunet_ssl.core.losses import affinity_weighted_loss
-from nnunet_ssl.nnunet.checkpoint import atomic_torch_save
+from nnunet_ssl.nnunet.checkpoint import CrashSafeCheckpointsMixin, atomic_torch_save
+from nnunet_ssl.nnunet.cpu_fast import CPUFastPathMixin, contiguous_tensors
 from nnunet_ssl.nnunet.engine import encoder_strides, unwrap
 from nnunet_ssl.nnunet.feature_decoder import convert_decoder, stage_index
 
 
-class PDCRTrainer(nnUNetTrainer):
+class PDCRTrainer(CrashSafeCheckpointsMixin, CPUFastPathMixin, nnUNetTrainer):
     pdcr_stages: Tuple[int, ...] = (-2, -1)  # decoder stages (negative: from full resolution)
     pdcr_grid_stride: int = 8                # sample spacing in input voxels (rounded up to the stages' strides)
     pdcr_window_scale: int = 2               # composition window = scale x stage stride + 1 voxels per axis
@@ -51,6 +53,9 @@ class PDCRTrainer(nnUNetTrainer):
     def _do_i_compile(self):
         return False  # stage features are captured in Python during the forward
 
+    def cpu_fast_path_modules(self):
+        return [self.network, self.pdcr_heads]
+
     # ------------------------------------------------------------------ set-up
     def _stage_geometry(self):
         dec = unwrap(self.network).decoder
@@ -65,6 +70,8 @@ class PDCRTrainer(nnUNetTrainer):
         unwrap(self.network).decoder.capture_stages = tuple(idx)
         conv = nn.Conv3d if len(self.configuration_manager.patch_size) == 3 else nn.Conv2d
         self.pdcr_heads = nn.ModuleList([conv(c, self.pdcr_proj_dim, 1) for c in channels]).to(self.device)
+        if self.is_ddp:  # nnU-Net's DDP wraps the network only: start the heads from rank 0's weights everywhere
+            broadcast_parameters_(self.pdcr_heads)
         params = list(self.network.parameters()) + list(self.pdcr_heads.parameters())
         from nnunetv2.training.lr_scheduler.polylr import PolyLRScheduler
         optimizer = torch.optim.SGD(params, self.initial_lr, weight_decay=self.weight_decay, momentum=0.99,
@@ -125,12 +132,13 @@ class PDCRTrainer(nnUNetTrainer):
 
     # ------------------------------------------------------------------ training step
     def train_step(self, batch: dict) -> dict:
-        data = batch["data"].to(self.device, non_blocking=True)
+        data = self.cpu_fast_input(batch["data"].to(self.device, non_blocking=True))
         target = batch["target"]
         target = [t.to(self.device, non_blocking=True) for t in target] if isinstance(target, list) else \
             target.to(self.device, non_blocking=True)
         self.optimizer.zero_grad(set_to_none=True)
-        ctx = torch.autocast(self.device.type, enabled=True) if self.device.type == "cuda" else dummy_context()
+        # CPU: bf16 where the CPU has it (the loss is then Float32Loss); the regulariser below runs outside, in float32
+        ctx = torch.autocast(self.device.type, enabled=True) if self.device.type == "cuda" else self.cpu_autocast()
         with ctx:
             output = self.network(data)
             seg_loss = self.loss(output, target)
@@ -139,17 +147,25 @@ class PDCRTrainer(nnUNetTrainer):
         params = [p for g in self.optimizer.param_groups for p in g["params"]]
         if self.grad_scaler is not None:
             self.grad_scaler.scale(loss).backward()
+            self.sync_pdcr_head_gradients()
             self.grad_scaler.unscale_(self.optimizer)
             torch.nn.utils.clip_grad_norm_(params, 12)
             self.grad_scaler.step(self.optimizer)
             self.grad_scaler.update()
         else:
             loss.backward()
+            self.sync_pdcr_head_gradients()
             torch.nn.utils.clip_grad_norm_(params, 12)
             self.optimizer.step()
         out = {"loss": loss.detach().cpu().numpy(), "seg_loss": seg_loss.detach().cpu().numpy()}
         out.update({k: v.cpu().numpy() for k, v in terms.items()})
         return out
+
+    def sync_pdcr_head_gradients(self) -> None:
+        """The projection heads are outside nnU-Net's DDP module: average their gradients over the ranks as DDP
+        does for the network's, so every rank takes the same step and the heads stay identical."""
+        if self.is_ddp:
+            average_gradients_(self.pdcr_heads.parameters())
 
     def on_train_epoch_end(self, train_outputs):
         super().on_train_epoch_end(train_outputs)
@@ -161,11 +177,13 @@ class PDCRTrainer(nnUNetTrainer):
     def save_checkpoint(self, filename: str) -> None:
         if self.local_rank != 0 or self.disable_checkpointing:
             return super().save_checkpoint(filename)
-        cpu = lambda sd: {k: v.detach().cpu().clone() for k, v in sd.items()}  # noqa: E731
+        # contiguous copies: the CPU fast path trains in channels-last layout, checkpoints keep the standard one
+        cpu = lambda sd: {k: v.detach().cpu().clone(memory_format=torch.contiguous_format)  # noqa: E731
+                          for k, v in sd.items()}
         atomic_torch_save({
             "network_weights": cpu(unwrap(self.network).state_dict()),
             "pdcr_heads": cpu(self.pdcr_heads.state_dict()),
-            "optimizer_state": self.optimizer.state_dict(),
+            "optimizer_state": contiguous_tensors(self.optimizer.state_dict()),
             "grad_scaler_state": self.grad_scaler.state_dict() if self.grad_scaler is not None else None,
             "logging": self.logger.get_checkpoint(),
             "_best_ema": self._best_ema,

@@ -88,10 +88,10 @@ def sample_correspondences(
     # (B, M, Sb) buffer; float32 even under autocast, since half precision cannot
     # resolve voxel coordinates.
     with torch.autocast(device_type=device.type, enabled=False):
-        score_b = torch.baddbmm(
-            pb.pow(2).sum(-1)[:, None, :], cand_pos, pb.transpose(1, 2), alpha=-2.0
-        )
-        score_b.masked_fill_(~vb[:, None, :], float("inf"))
+        # invalid b voxels get +inf in the per-column |b|^2 term (their coordinates are zeroed, so the product
+        # term stays finite): cheaper than masking the whole (B, M, Sb) buffer afterwards
+        norm_b = pb.pow(2).sum(-1).masked_fill(~vb, float("inf"))
+        score_b = torch.baddbmm(norm_b[:, None, :], cand_pos, pb.transpose(1, 2), alpha=-2.0)
         nn_idx = score_b.argmin(dim=2)  # (B, M)
         del score_b
     # Exact distance for the chosen pair (the expansion is only used to rank).

@@ -36,15 +36,17 @@ from nnunetv2.training.logging.nnunet_logger import LocalLogger
 from nnunetv2.training.lr_scheduler.polylr import PolyLRScheduler
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 from nnunetv2.utilities.default_n_proc_DA import get_allowed_n_proc_DA
-from nnunetv2.utilities.helpers import dummy_context
 from nnunetv2.utilities.label_handling.label_handling import determine_num_input_channels
 
+from nnunet_ssl.core.distributed import cases_per_rank, gather_global_batch, shared_seed
 from nnunet_ssl.core.heads import GlobalProjectionHead
 from nnunet_ssl.core.losses import info_nce
 from nnunet_ssl.core.objectives import momentum_update
-from nnunet_ssl.nnunet.checkpoint import atomic_torch_save, load_checkpoint_file
+from nnunet_ssl.nnunet.checkpoint import CrashSafeCheckpointsMixin, atomic_torch_save, load_checkpoint_file
+from nnunet_ssl.nnunet.cpu_fast import CPUFastPathMixin, contiguous_tensors
 from nnunet_ssl.nnunet.pair_loader import TwoViewDataLoader
 from nnunet_ssl.nnunet.transforms import split_training_transforms
+from nnunet_ssl.nnunet.unlabeled import CombinedDataset, load_unlabeled_dataset
 
 # nnU-Net's budget and optimiser attributes that a pretraining class may redeclare as class attributes
 BUDGET_ATTRIBUTES = ("num_epochs", "num_iterations_per_epoch", "num_val_iterations_per_epoch", "initial_lr",
@@ -174,7 +176,7 @@ class SmokeBudget(BudgetMixin):
     save_every = 1
 
 
-class ContrastivePretrainTrainer(nnUNetTrainer):
+class ContrastivePretrainTrainer(CrashSafeCheckpointsMixin, CPUFastPathMixin, nnUNetTrainer):
     """Engine for two-view contrastive pretraining; subclasses implement build_heads and compute_loss."""
 
     # ---- budget (nnU-Net attributes; GPU-scale defaults) ----
@@ -193,6 +195,8 @@ class ContrastivePretrainTrainer(nnUNetTrainer):
     crop_scale: float = 0.75
     num_neighbors: int = 0  # further crops per case near view 0 (DrasCLR's anatomical neighbours)
     neighbor_overlap: Tuple[float, float] = (0.1, 0.5)
+    # add the image-only cases of `nnunet-ssl add-unlabeled` (for these plans + configuration) to the training cases
+    use_unlabeled: bool = True
     # ---- model ----
     head_inputs: Dict[str, str] = {}  # head name -> 'bottleneck' | 'decoder'
     decoder_stage: Optional[int] = -2  # decoder stage feeding dense heads (-2: one below full resolution)
@@ -203,6 +207,9 @@ class ContrastivePretrainTrainer(nnUNetTrainer):
     momentum: float = 0.999
     # loss terms compute_loss reports (logged per epoch for train and validation)
     logged_terms: Tuple[str, ...] = ()
+    # random generator for sampling inside compute_loss: None (global RNG) in one process; under DDP seeded
+    # identically on all ranks every step, so that each rank draws the same samples of the gathered batch
+    step_generator: torch.Generator | None = None
 
     def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
                  device: torch.device = torch.device("cuda")):
@@ -262,7 +269,11 @@ class ContrastivePretrainTrainer(nnUNetTrainer):
             raise RuntimeError("initialize() called twice")
         self._set_batch_size_and_oversample()
         if self.pairs_per_batch is not None:
-            self.batch_size = int(self.pairs_per_batch)
+            # pairs_per_batch counts the cases of one step over all DDP processes, split as nnU-Net splits its
+            # batch size (the losses gather the whole batch, so the ranks together see pairs_per_batch cases)
+            split = cases_per_rank(int(self.pairs_per_batch), dist.get_world_size() if self.is_ddp else 1,
+                                   "pairs_per_batch")
+            self.batch_size = split[self.local_rank]
         self.num_input_channels = determine_num_input_channels(self.plans_manager, self.configuration_manager,
                                                                self.dataset_json)
         self.network = self.build_network_architecture(
@@ -280,6 +291,7 @@ class ContrastivePretrainTrainer(nnUNetTrainer):
         if self.use_momentum_encoder:
             self.key_model = copy.deepcopy(unwrap(model)).requires_grad_(False)
         self.loss = None
+        self.setup_cpu_fast_path()
         self.dataset_class = infer_dataset_class(self.preprocessed_dataset_folder)
         self.was_initialized = True
         self.print_to_log_file("pretraining hyper-parameters:", self.method_hyperparameters())
@@ -288,6 +300,9 @@ class ContrastivePretrainTrainer(nnUNetTrainer):
 
     def _do_i_compile(self):
         return False  # the pretraining forward is custom; compile is not worth its start-up here
+
+    def cpu_fast_path_modules(self) -> list[nn.Module]:
+        return [self.network, self.heads, self.key_model]
 
     def configure_optimizers(self):
         params = list(self.network.parameters()) + list(self.heads.parameters())
@@ -334,6 +349,23 @@ class ContrastivePretrainTrainer(nnUNetTrainer):
         next(gen_val)
         return gen_tr, gen_val
 
+    def get_tr_and_val_datasets(self):
+        """nnU-Net's split of the labelled cases; training also gets the unlabelled cases (validation does not, so
+        the validation loss stays comparable across runs with and without them)."""
+        dataset_tr, dataset_val = super().get_tr_and_val_datasets()
+        if not self.use_unlabeled:
+            return dataset_tr, dataset_val
+        unlabeled = load_unlabeled_dataset(self.preprocessed_dataset_folder_base, self.plans_manager,
+                                           self.configuration_manager)
+        if unlabeled is None:
+            return dataset_tr, dataset_val
+        # raises on an id shared with any labelled case, not only with this fold's training cases
+        CombinedDataset(self.dataset_class(self.preprocessed_dataset_folder), unlabeled)
+        self.print_to_log_file(f"pretraining cases: {len(dataset_tr.identifiers)} labelled + "
+                               f"{len(unlabeled.identifiers)} unlabelled (from {unlabeled.source_folder}) for "
+                               f"training, {len(dataset_val.identifiers)} labelled for validation")
+        return CombinedDataset(dataset_tr, unlabeled), dataset_val
+
     def pretraining_patch_size(self) -> Tuple[int, ...]:
         """Plans patch size x crop_scale, rounded down to a multiple of the network's total stride per axis."""
         plans_ps = np.asarray(self.configuration_manager.patch_size)
@@ -358,10 +390,10 @@ class ContrastivePretrainTrainer(nnUNetTrainer):
     def _autocast(self):
         if self.device.type == "cuda":
             return torch.autocast("cuda", enabled=True)
-        return dummy_context()
+        return self.cpu_autocast()  # bf16 on CPUs with native bf16 (CPUFastPathMixin), else a no-op
 
     def _step(self, batch: dict, train: bool) -> dict:
-        data = batch["data"].to(self.device, non_blocking=True)
+        data = self.cpu_fast_input(batch["data"].to(self.device, non_blocking=True))
         condition = self.head_condition(batch)
         if train:
             self.optimizer.zero_grad(set_to_none=True)
@@ -371,20 +403,28 @@ class ContrastivePretrainTrainer(nnUNetTrainer):
                 with torch.no_grad():
                     self.key_model.train(self.model.training)
                     outputs.update({f"key_{k}": v.detach() for k, v in self.key_model(data, condition).items()})
+        if self.is_ddp:
+            # every rank computes the loss of the whole global batch (negatives from all ranks), on identical
+            # inputs and with identical random sampling, so the ranks agree on loss, queues and statistics
+            outputs, batch = gather_global_batch(outputs, batch, views=2 + self.num_neighbors)
+            self.step_generator = torch.Generator(self.device).manual_seed(shared_seed(self.device))
         loss, terms = self.compute_loss(outputs, batch)  # losses compute in float32 themselves
         if not torch.isfinite(loss):
             raise FloatingPointError(f"non-finite pretraining loss ({loss.item()}) at epoch {self.current_epoch}; "
                                      f"lower initial_lr or check the input data for NaNs")
         if train:
             params = [p for g in self.optimizer.param_groups for p in g["params"]]
+            # under DDP each rank back-propagates the global loss through its own rows only, and DDP averages the
+            # ranks' gradients: x world_size turns that average into the gradient of the global loss
+            backward_loss = loss * dist.get_world_size() if self.is_ddp else loss
             if self.grad_scaler is not None:
-                self.grad_scaler.scale(loss).backward()
+                self.grad_scaler.scale(backward_loss).backward()
                 self.grad_scaler.unscale_(self.optimizer)
                 torch.nn.utils.clip_grad_norm_(params, self.grad_clip)
                 self.grad_scaler.step(self.optimizer)
                 self.grad_scaler.update()
             else:
-                loss.backward()
+                backward_loss.backward()
                 torch.nn.utils.clip_grad_norm_(params, self.grad_clip)
                 self.optimizer.step()
             if self.key_model is not None:
@@ -456,7 +496,9 @@ class ContrastivePretrainTrainer(nnUNetTrainer):
         if self.disable_checkpointing:
             self.print_to_log_file("No checkpoint written, checkpointing is disabled")
             return
-        cpu = lambda sd: {k: v.detach().cpu().clone() for k, v in sd.items()}  # noqa: E731
+        # contiguous copies: the CPU fast path trains in channels-last layout, checkpoints keep the standard one
+        cpu = lambda sd: {k: v.detach().cpu().clone(memory_format=torch.contiguous_format)  # noqa: E731
+                          for k, v in sd.items()}
         checkpoint = {
             # the full U-Net (decoder and seg layers included): what stock -pretrained_weights requires
             "network_weights": cpu(unwrap(self.network).state_dict()),
@@ -464,7 +506,7 @@ class ContrastivePretrainTrainer(nnUNetTrainer):
             "ssl_method": {"trainer": self.__class__.__name__, **{k: repr(v) for k, v in
                                                                   self.method_hyperparameters().items()}},
             "ssl_extra_state": self.extra_checkpoint_state(),
-            "optimizer_state": self.optimizer.state_dict(),
+            "optimizer_state": contiguous_tensors(self.optimizer.state_dict()),
             "grad_scaler_state": self.grad_scaler.state_dict() if self.grad_scaler is not None else None,
             "logging": self.logger.get_checkpoint(),
             "_best_ema": None,
@@ -480,7 +522,8 @@ class ContrastivePretrainTrainer(nnUNetTrainer):
         """Method state beyond network and heads (momentum encoder here; methods add queues etc. and call super)."""
         state = {}
         if self.key_model is not None:
-            state["key_model"] = {k: v.detach().cpu().clone() for k, v in self.key_model.state_dict().items()}
+            state["key_model"] = {k: v.detach().cpu().clone(memory_format=torch.contiguous_format)
+                                  for k, v in self.key_model.state_dict().items()}
         return state
 
     def load_extra_state(self, state: dict) -> None:

@@ -218,11 +218,19 @@ class TwoViewDataLoader(nnUNetDataLoader):
         fs = np.asarray(self.final_patch_size)
         content = float(np.prod(np.minimum(shape, fs) / fs))
         if content < self.min_content_fraction:
-            raise ValueError(f"case {key} (preprocessed shape {tuple(shape)}) fills only {content:.0%} of the "
-                             f"pretraining crop {tuple(fs)}: exclude it from the split or plan a smaller patch size")
-        if not np.all(np.isfinite(np.asarray(data))):
+            raise ValueError(f"case {key} (preprocessed shape {tuple(shape.tolist())}) fills only {content:.0%} of "
+                             f"the pretraining crop {tuple(fs.tolist())}: exclude it from the split or plan a smaller "
+                             f"patch size")
+        image = np.asarray(data)
+        if not np.all(np.isfinite(image)):
             raise ValueError(f"case {key} contains NaN/inf after preprocessing: fix the image and re-run "
                              f"nnUNetv2_preprocess")
+        flat = image.reshape(image.shape[0], -1)
+        if np.all(flat.min(axis=1) == flat.max(axis=1)):
+            # every crop of it is the same image: it has no content to contrast, and normalisation made it all 0
+            raise ValueError(f"case {key} is constant in every image channel after preprocessing (no contrastive "
+                             f"signal): check the image file, then remove the case from the dataset (or from the "
+                             f"fold's split) and re-run nnUNetv2_preprocess")
         self._checked_keys.add(key)
 
 

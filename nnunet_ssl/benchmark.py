@@ -1,0 +1,487 @@
+"""``nnunet-ssl benchmark``: label efficiency of the pretraining methods on a labelled nnU-Net raw dataset.
+
+Protocol (fixed by seeds, every step through nnU-Net's own commands):
+
+1. split the dataset's cases into a *pool* and a *test* set (``--test-fraction`` of the cases, seeded by
+   ``--split-seed``; with ``--test-raw`` the test set is a separate labelled folder and every case is pool). Only
+   pool cases are linked into the benchmark's own ``nnUNet_raw``, so test cases are never preprocessed, pretrained
+   on, fine-tuned on or used for any selection;
+2. pretrain each method once on all pool images (labels unused);
+3. for every seed and every k in ``--labeled``: fine-tune on k labelled pool cases (the first k of the seed's
+   permutation of the pool, so the k=5 cases are part of the k=20 cases), with the same fine-tuning trainer and
+   budget for every method; ``scratch`` is the identical run without pretrained weights, ``scratch_long`` the
+   same from scratch for as many iterations as pretraining + fine-tuning;
+4. predict the test cases with ``nnUNetv2_predict`` (checkpoint_final, no TTA) and score them with nnU-Net's
+   evaluation (Dice per class and mean).
+
+Every finished piece (preprocessing, a pretraining, a fine-tuning, a prediction, a scored cell) is kept in the
+work dir, so an interrupted benchmark continues where it stopped; interrupted trainings continue with ``--c``.
+"""
+from __future__ import annotations
+
+import csv
+import json
+import os
+import random
+import shutil
+import statistics
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence, Tuple
+
+from nnunet_ssl import pipeline
+
+# method -> pretraining trainer (base name, the budget's suffix is appended); None: no pretraining
+METHODS: Dict[str, Optional[str]] = {
+    "scratch": None,
+    "scratch_long": None,
+    "simclr": "SimCLRPretrainTrainer",
+    "pcl": "PCLPretrainTrainer",
+    "spade": "SpadePretrainTrainer",
+    "spade_soft": "SpadeSoftPretrainTrainer",
+    "drasclr": "DrasCLRPretrainTrainer",
+}
+PRECISIONS = ("auto", "fp32", "bf16")
+
+
+@dataclass(frozen=True)
+class Budget:
+    """Trainers and plans of one benchmark scale. Iteration counts live in the trainer classes."""
+    name: str
+    planner: str
+    plans: str
+    pretrain_suffix: str        # appended to the method's pretraining trainer (its budget preset)
+    finetune_trainer: str
+    finetune_long_trainer: str  # scratch_long: iterations = pretraining + fine-tuning
+    max_test: Optional[int] = None  # cap on scored test cases (quick only)
+    num_val: int = 3            # pool cases nnU-Net validates on during fine-tuning (monitoring only)
+
+
+BUDGETS = {
+    # standard nnU-Net plans and schedules (GPU)
+    "gpu": Budget("gpu", "ExperimentPlanner", "nnUNetPlans", "", "nnUNetTrainerFinetune",
+                  "nnUNetTrainerFinetune_long"),
+    # small network (nnUNetPlannerSmall: 8-128 features, batch 2, nnU-Net's topology rules), fixed iterations
+    "cpu": Budget("cpu", "nnUNetPlannerSmall", "nnUNetPlansSmall", "_cpu", "nnUNetTrainerFinetune_cpu",
+                  "nnUNetTrainerFinetune_cpu_long"),
+    # smoke scale: checks the whole protocol end to end in minutes; its numbers mean nothing
+    "quick": Budget("quick", "nnUNetPlannerTiny", "nnUNetPlansTiny", "_smoke", "nnUNetTrainerFinetune_smoke",
+                    "nnUNetTrainerFinetune_smoke_long", max_test=10, num_val=2),
+}
+
+CSV_FIELDS = ["method", "labeled", "seed", "precision", "budget", "dataset", "pretrain_trainer", "finetune_trainer",
+              "pretrain_iterations", "finetune_iterations", "total_iterations", "num_test", "mean_dice",
+              "pretrain_s", "finetune_s", "predict_s"]
+
+
+def _log(msg: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+def trainer_class(name: str):
+    from nnunet_ssl.trainers import PRETRAINING_TRAINERS, SEGMENTATION_TRAINERS
+    known = {**PRETRAINING_TRAINERS, **SEGMENTATION_TRAINERS}
+    if name not in known:
+        raise SystemExit(f"unknown trainer {name!r} in the benchmark budget; plugin trainers: {', '.join(known)}")
+    return known[name]
+
+
+def iterations(trainer: str) -> int:
+    cls = trainer_class(trainer)
+    return int(cls.num_epochs) * int(cls.num_iterations_per_epoch)
+
+
+def check_budget(budget: Budget, methods: Sequence[str]) -> Dict[str, int]:
+    """Iterations of every trainer of the run; scratch_long must equal pretraining + fine-tuning."""
+    ft = iterations(budget.finetune_trainer)
+    pre = {m: iterations(METHODS[m] + budget.pretrain_suffix) for m in methods if METHODS[m]}
+    its = {"finetune": ft, **{f"pretrain_{m}": n for m, n in pre.items()}}
+    if "scratch_long" in methods:
+        long = iterations(budget.finetune_long_trainer)
+        want = sorted({ft + n for n in pre.values()} or {long})
+        if want != [long]:
+            raise SystemExit(f"budget {budget.name!r}: {budget.finetune_long_trainer} runs {long} iterations but "
+                             f"pretraining + fine-tuning run {want}; give scratch_long a matching trainer")
+        its["finetune_long"] = long
+    return its
+
+
+# ---------------------------------------------------------------------------------------------- data
+def _case_ids(images_dir: Path, file_ending: str) -> List[str]:
+    return sorted({p.name[: -len(file_ending) - 5] for p in images_dir.glob(f"*_0000{file_ending}")})
+
+
+def _link(cases: Sequence[str], images: Path, labels: Path, dst_images: Path, dst_labels: Optional[Path],
+          file_ending: str, num_channels: int) -> None:
+    for d in (dst_images, dst_labels):
+        if d is not None:
+            shutil.rmtree(d, ignore_errors=True)
+            d.mkdir(parents=True)
+    for c in cases:
+        for ch in range(num_channels):
+            src = images / f"{c}_{ch:04d}{file_ending}"
+            if not src.exists():
+                raise SystemExit(f"case {c}: image {src} is missing (every case needs all {num_channels} channels)")
+            os.symlink(src.resolve(), dst_images / src.name)
+        if dst_labels is not None:
+            src = labels / f"{c}{file_ending}"
+            if not src.exists():
+                raise SystemExit(f"case {c}: label {src} is missing; the benchmark needs labels for every case")
+            os.symlink(src.resolve(), dst_labels / src.name)
+
+
+def find_raw_dataset(dataset: str) -> Path:
+    raw = os.environ.get("nnUNet_raw")
+    if not raw:
+        raise SystemExit("nnUNet_raw is not set: export nnUNet_raw=/path/to/nnUNet_raw (the folder holding "
+                         "DatasetXXX_Name)")
+    raw = Path(raw)
+    pattern = f"Dataset{int(dataset):03d}_*" if str(dataset).isdigit() else str(dataset)
+    matches = sorted(p for p in raw.glob(pattern) if (p / "dataset.json").exists())
+    if not matches:
+        raise SystemExit(f"dataset {dataset} not found in nnUNet_raw={raw}: expected a folder {pattern} with a "
+                         f"dataset.json")
+    return matches[0]
+
+
+def _test_folders(test_raw: Path) -> Tuple[Path, Path]:
+    for im, lb in (("imagesTs", "labelsTs"), ("imagesTr", "labelsTr")):
+        if (test_raw / im).is_dir() and (test_raw / lb).is_dir():
+            return test_raw / im, test_raw / lb
+    raise SystemExit(f"--test-raw {test_raw}: expected imagesTs/ + labelsTs/ (or imagesTr/ + labelsTr/) inside")
+
+
+def prepare_data(work: Path, src: Path, test_raw: Optional[Path], split_seed: int, test_fraction: float,
+                 max_test: Optional[int]) -> dict:
+    """Pool-only raw dataset + linked test cases in the work dir; the split is fixed once per work dir."""
+    dataset_json = json.loads((src / "dataset.json").read_text())
+    fe, n_ch = dataset_json["file_ending"], len(dataset_json["channel_names"])
+    cases = _case_ids(src / "imagesTr", fe)
+    if not cases:
+        raise SystemExit(f"{src / 'imagesTr'} holds no images named CASE_0000{fe}")
+    if test_raw is not None:
+        test_images, test_labels = _test_folders(Path(test_raw))
+        pool, test = cases, _case_ids(test_images, fe)
+        if not test:
+            raise SystemExit(f"--test-raw: {test_images} holds no images named CASE_0000{fe}")
+    else:
+        test_images, test_labels = src / "imagesTr", src / "labelsTr"
+        rng = random.Random(split_seed)
+        test = sorted(rng.sample(cases, max(1, round(test_fraction * len(cases)))))
+        pool = [c for c in cases if c not in set(test)]
+    if max_test is not None:
+        test = test[:max_test]
+    split = {"dataset": src.name, "pool": pool, "test": test, "split_seed": split_seed,
+             "test_source": str(Path(test_raw).resolve()) if test_raw else "hold-out of imagesTr"}
+    split_file = work / "split.json"
+    if split_file.exists():
+        old = json.loads(split_file.read_text())
+        if old != split:
+            raise SystemExit(f"{work} holds a benchmark with another dataset/split (different --split-seed, "
+                             f"--test-fraction, --test-raw or budget); use a new --work-dir")
+    raw_ds = work / "nnUNet_raw" / src.name
+    if not (raw_ds / "dataset.json").exists() or not split_file.exists():
+        _link(pool, src / "imagesTr", src / "labelsTr", raw_ds / "imagesTr", raw_ds / "labelsTr", fe, n_ch)
+        _link(test, test_images, test_labels, work / "test" / "images", work / "test" / "labels", fe, n_ch)
+        (raw_ds / "dataset.json").write_text(json.dumps({**dataset_json, "numTraining": len(pool)}, indent=1))
+        split_file.write_text(json.dumps(split, indent=1))
+    return {**split, "raw_dataset": raw_ds, "dataset_json": dataset_json}
+
+
+def fold_of(work: Path, seed: int, k: int) -> int:
+    """Stable fold number per (seed, k) (0 is pretraining); new combinations are appended."""
+    path = work / "folds.json"
+    folds = json.loads(path.read_text()) if path.exists() else []
+    key = [seed, k]
+    if key not in folds:
+        folds.append(key)
+        path.write_text(json.dumps(folds))
+    return folds.index(key) + 1
+
+
+def write_splits(work: Path, preprocessed_ds: Path, pool: List[str], num_val: int) -> None:
+    """splits_final.json: fold 0 pretrains on the whole pool; fold i fine-tunes on k cases of seed s."""
+    folds = json.loads((work / "folds.json").read_text()) if (work / "folds.json").exists() else []
+    entries = [{"train": sorted(pool), "val": sorted(random.Random(0).sample(pool, min(num_val, len(pool))))}]
+    for seed, k in folds:
+        labeled, val = labelled_cases(pool, seed, k, num_val)
+        entries.append({"train": labeled, "val": val})
+    pipeline.write_splits(preprocessed_ds, entries)
+
+
+def labelled_cases(pool: List[str], seed: int, k: int, num_val: int) -> Tuple[List[str], List[str]]:
+    """First k of the seed's permutation of the pool (nested in k); validation: the permutation's last cases."""
+    if k + num_val > len(pool):
+        raise SystemExit(f"the pool has {len(pool)} cases: too few for {k} labelled + {num_val} validation cases")
+    perm = random.Random(1000 + seed).sample(pool, len(pool))
+    return sorted(perm[:k]), sorted(perm[-num_val:])
+
+
+# ---------------------------------------------------------------------------------------------- runs
+def _precision_env(precision: str) -> Dict[str, str]:
+    return {} if precision == "auto" else {"NNUNET_SSL_CPU_BF16": "1" if precision == "bf16" else "0"}
+
+
+def resolved_precision(precision: str, device: str) -> str:
+    """What 'auto' means on this machine: bf16 on a CPU with native bf16, else fp32 (AMP on CUDA)."""
+    if precision != "auto":
+        return precision
+    if device == "cuda":
+        return "amp"
+    try:
+        from nnunet_ssl.nnunet.cpu_fast import cpu_supports_bf16
+    except ImportError:
+        return "fp32"
+    return "bf16" if device == "cpu" and cpu_supports_bf16() else "fp32"
+
+
+def _train(dataset: str, configuration: str, fold: int, trainer: str, plans: str, env: dict, out: Path,
+           log: Path, label: str, device: str, weights: Optional[Path] = None) -> float:
+    """nnUNetv2_train, continuing an interrupted run with --c (nnU-Net forbids --c with -pretrained_weights)."""
+    resume = (out / "checkpoint_latest.pth").exists() or (out / "checkpoint_best.pth").exists()
+    cmd = [pipeline.bin_path("nnUNetv2_train"), dataset, configuration, str(fold), "-tr", trainer, "-p", plans,
+           "-device", device]
+    if resume:
+        cmd.append("--c")
+    elif weights is not None:
+        cmd += ["-pretrained_weights", str(weights)]
+    return pipeline.run_logged(cmd, env, log, label)
+
+
+def _atomic_json(path: Path, obj) -> None:
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(obj, indent=1))
+    os.replace(tmp, path)
+
+
+@dataclass
+class Settings:
+    dataset: str
+    work_dir: str
+    methods: Tuple[str, ...]
+    labeled: Tuple[int, ...]
+    seeds: Tuple[int, ...]
+    budget: str
+    precision: str = "auto"
+    device: str = "cpu"
+    configuration: str = "3d_fullres"
+    test_raw: Optional[str] = None
+    test_fraction: float = 0.25
+    split_seed: int = 0
+    num_processes: int = 2
+
+
+def run_benchmark(s: Settings) -> List[dict]:
+    t_start = time.time()
+    budget = BUDGETS[s.budget]
+    unknown = [m for m in s.methods if m not in METHODS]
+    if unknown:
+        raise SystemExit(f"unknown method(s) {', '.join(unknown)}; choose from {', '.join(METHODS)}")
+    if s.precision not in PRECISIONS:
+        raise SystemExit(f"--precision must be one of {', '.join(PRECISIONS)}")
+    its = check_budget(budget, s.methods)
+    work = Path(s.work_dir).resolve()
+    work.mkdir(parents=True, exist_ok=True)
+    src = find_raw_dataset(s.dataset)
+    data = prepare_data(work, src, Path(s.test_raw) if s.test_raw else None, s.split_seed, s.test_fraction,
+                        budget.max_test)
+    pool, test, ds_name = data["pool"], data["test"], src.name
+    dataset_id = ds_name[len("Dataset"):len("Dataset") + 3]
+    precision = resolved_precision(s.precision, s.device)
+    _log(f"benchmark on {ds_name}: pool {len(pool)} cases (pretraining; labelled subsets drawn from it), "
+         f"test {len(test)} cases (scored only); budget {budget.name}, precision {precision}, device {s.device}")
+    _log("iterations: " + ", ".join(f"{k} {v}" for k, v in its.items()))
+
+    raw, preprocessed = work / "nnUNet_raw", work / "nnUNet_preprocessed"
+    preprocessed.mkdir(exist_ok=True)
+    pre_ds = preprocessed / ds_name
+    if not (pre_ds / f"{budget.plans}_{s.configuration}").is_dir() or not (pre_ds / f"{budget.plans}.json").exists():
+        _log(f"planning ({budget.planner}) + preprocessing {s.configuration} of the pool "
+             f"(log: {work / 'logs' / 'plan.log'})")
+        import contextlib
+        os.environ.update({"nnUNet_raw": str(raw), "nnUNet_preprocessed": str(preprocessed)})
+        from nnunet_ssl.nnunet.planning import plan_and_preprocess
+        (work / "logs").mkdir(exist_ok=True)
+        with open(work / "logs" / "plan.log", "w") as log, contextlib.redirect_stdout(log):
+            plans_id = plan_and_preprocess(int(dataset_id), budget.planner, [s.configuration], s.num_processes)
+        if plans_id != budget.plans:
+            raise SystemExit(f"planner {budget.planner} wrote plans {plans_id!r}, expected {budget.plans!r}")
+
+    cells = [(seed, k, m) for seed in s.seeds for k in sorted(s.labeled) for m in s.methods]
+    for seed, k, _ in cells:
+        fold_of(work, seed, k)
+    write_splits(work, pre_ds, pool, budget.num_val)
+    tag = f"{budget.name}_{precision}"
+    da = os.environ.get("nnUNet_n_proc_DA", "0" if s.device == "cpu" else "8")
+    env_extra = {"nnUNet_n_proc_DA": da, **_precision_env(s.precision)}
+    env = lambda results: pipeline.nnunet_env(raw, preprocessed, results, env_extra)  # noqa: E731
+    cell_dir = work / "cells"
+    cell_dir.mkdir(exist_ok=True)
+    rows = []
+    for i, (seed, k, method) in enumerate(cells, 1):
+        cell_file = cell_dir / f"{tag}__{method}__k{k}__s{seed}.json"
+        label = f"[{i}/{len(cells)}] {method} k={k} seed={seed}"
+        if cell_file.exists():
+            rows.append(json.loads(cell_file.read_text()))
+            _log(f"{label}: done before (mean Dice {rows[-1]['mean_dice']:.4f})")
+            continue
+        times = {"pretrain_s": 0.0, "finetune_s": 0.0, "predict_s": 0.0}
+        weights, pre_trainer = None, ""
+        if METHODS[method]:
+            pre_trainer = METHODS[method] + budget.pretrain_suffix
+            pre_results = work / "results" / tag / "pretrain"
+            pre_out = pre_results / ds_name / f"{pre_trainer}__{budget.plans}__{s.configuration}" / "fold_0"
+            weights = pre_out / "checkpoint_final.pth"
+            times_file = pre_out.parent / "pretrain_time.json"
+            if not weights.exists():
+                _log(f"{label}: pretraining {pre_trainer} on {len(pool)} pool images")
+                took = _train(dataset_id, s.configuration, 0, pre_trainer, budget.plans, env(pre_results), pre_out,
+                              work / "logs" / tag / f"pretrain_{method}.log", f"pretrain {method}", s.device)
+                _atomic_json(times_file, {"pretrain_s": round(took, 1)})
+            times["pretrain_s"] = json.loads(times_file.read_text())["pretrain_s"] if times_file.exists() else 0.0
+        ft_trainer = budget.finetune_long_trainer if method == "scratch_long" else budget.finetune_trainer
+        fold = fold_of(work, seed, k)
+        results = work / "results" / tag / method
+        ft_out = results / ds_name / f"{ft_trainer}__{budget.plans}__{s.configuration}" / f"fold_{fold}"
+        if not (ft_out / "checkpoint_final.pth").exists():
+            _log(f"{label}: fine-tuning {ft_trainer} on {k} labelled cases"
+                 + (f" from {pre_trainer}" if weights else " from scratch"))
+            times["finetune_s"] = round(_train(dataset_id, s.configuration, fold, ft_trainer, budget.plans,
+                                               env(results), ft_out, work / "logs" / tag / f"ft_{method}_k{k}_s{seed}.log",
+                                               f"{method} k={k} s={seed}", s.device, weights), 1)
+        pred = work / "predictions" / tag / f"{method}_k{k}_s{seed}"
+        shutil.rmtree(pred, ignore_errors=True)  # a prediction is cheap: never trust a partial folder
+        _log(f"{label}: predicting {len(test)} test cases")
+        times["predict_s"] = round(pipeline.predict(
+            work / "test" / "images", pred, int(dataset_id), s.configuration, fold, ft_trainer, budget.plans,
+            env(results), work / "logs" / tag / f"predict_{method}_k{k}_s{seed}.log", f"predict {method}",
+            s.device), 1)
+        scores = pipeline.evaluate(work / "test" / "labels", pred, raw / ds_name / "dataset.json",
+                                   pre_ds / f"{budget.plans}.json", s.num_processes)
+        row = {"method": method, "labeled": k, "seed": seed, "precision": precision, "budget": budget.name,
+               "dataset": ds_name, "pretrain_trainer": pre_trainer, "finetune_trainer": ft_trainer,
+               "pretrain_iterations": iterations(pre_trainer) if pre_trainer else 0,
+               "finetune_iterations": iterations(ft_trainer),
+               "num_test": scores["num_cases"], "mean_dice": scores["mean"],
+               **{f"dice_{c}": d for c, d in scores["per_class"].items()}, **times}
+        row["total_iterations"] = row["pretrain_iterations"] + row["finetune_iterations"]
+        _atomic_json(cell_file, row)
+        rows.append(row)
+        _log(f"{label}: mean Dice {row['mean_dice']:.4f}  ({time.time() - t_start:.0f} s elapsed)")
+        write_reports(work, data["dataset_json"], s)
+    write_reports(work, data["dataset_json"], s)
+    _log(f"done in {time.time() - t_start:.0f} s: {work / 'results.md'}, {work / 'results.csv'}, "
+         f"{work / 'results.png'}")
+    return rows
+
+
+# ---------------------------------------------------------------------------------------------- reports
+def load_rows(work: Path) -> List[dict]:
+    return [json.loads(p.read_text()) for p in sorted((work / "cells").glob("*.json"))]
+
+
+def write_reports(work: Path, dataset_json: dict, s: Settings) -> None:
+    rows = load_rows(work)
+    if not rows:
+        return
+    class_cols = sorted({k for r in rows for k in r if k.startswith("dice_")}, key=lambda c: int(c[5:]))
+    fields = CSV_FIELDS + class_cols
+    with open(work / "results.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=fields, extrasaction="ignore")
+        w.writeheader()
+        for r in sorted(rows, key=lambda r: (r["budget"], r["precision"], list(METHODS).index(r["method"]),
+                                             r["labeled"], r["seed"])):
+            w.writerow(r)
+    names = {str(v): k for k, v in dataset_json["labels"].items() if isinstance(v, int)}
+    (work / "results.md").write_text(markdown_table(rows, class_cols, names, s))
+    plot(rows, work / "results.png", rows[0]["dataset"])
+
+
+def _groups(rows: List[dict]) -> Dict[Tuple[str, str, str], Dict[int, List[dict]]]:
+    out: Dict[Tuple[str, str, str], Dict[int, List[dict]]] = {}
+    for r in rows:
+        out.setdefault((r["budget"], r["precision"], r["method"]), {}).setdefault(r["labeled"], []).append(r)
+    return dict(sorted(out.items(), key=lambda kv: (kv[0][0], kv[0][1], list(METHODS).index(kv[0][2]))))
+
+
+def _mean_sd(values: List[float]) -> str:
+    if len(values) == 1:
+        return f"{values[0]:.3f} (n=1)"
+    return f"{statistics.mean(values):.3f} ± {statistics.stdev(values):.3f} (n={len(values)})"
+
+
+def markdown_table(rows: List[dict], class_cols: List[str], names: Dict[str, str], s: Settings) -> str:
+    ks = sorted({r["labeled"] for r in rows})
+    groups = _groups(rows)
+    lines = [f"Test-set Dice on {rows[0]['dataset']} ({rows[0]['num_test']} test cases), mean ± sd over seeds; "
+             f"nnU-Net's evaluation.", "",
+             "| budget | precision | method | iterations (pretrain + fine-tune) | "
+             + " | ".join(f"k={k}" for k in ks) + " |",
+             "|---" * (4 + len(ks)) + "|"]
+    for (budget, prec, method), by_k in groups.items():
+        any_row = next(iter(by_k.values()))[0]
+        it = f"{any_row['pretrain_iterations']} + {any_row['finetune_iterations']}"
+        cells = [_mean_sd([r["mean_dice"] for r in by_k[k]]) if k in by_k else "–" for k in ks]
+        lines.append(f"| {budget} | {prec} | {method} | {it} | " + " | ".join(cells) + " |")
+    lines += ["", "Per class (mean over seeds):", "",
+              "| budget | precision | method | k | " + " | ".join(names.get(c[5:], c[5:]) for c in class_cols) + " |",
+              "|---" * (4 + len(class_cols)) + "|"]
+    for (budget, prec, method), by_k in groups.items():
+        for k in sorted(by_k):
+            vals = [statistics.mean(r.get(c, float("nan")) for r in by_k[k]) for c in class_cols]
+            lines.append(f"| {budget} | {prec} | {method} | {k} | " + " | ".join(f"{v:.3f}" for v in vals) + " |")
+    pre = {}
+    for r in rows:
+        if r["pretrain_trainer"]:
+            pre[(r["budget"], r["precision"], r["pretrain_trainer"])] = r["pretrain_s"]
+    ft = [r["finetune_s"] for r in rows if r["finetune_s"]]
+    lines += ["", "Wall times: " + ", ".join(f"pretraining {t} [{b}, {p}] {v:.0f} s" for (b, p, t), v in pre.items())
+              + (f"; fine-tuning {min(ft):.0f}–{max(ft):.0f} s per run" if ft else "") + "."]
+    return "\n".join(lines) + "\n"
+
+
+def plot(rows: List[dict], path: Path, title: str) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    groups = _groups(rows)
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    n = len(groups)
+    for i, ((budget, prec, method), by_k) in enumerate(groups.items()):
+        ks = sorted(by_k)
+        means = [statistics.mean(r["mean_dice"] for r in by_k[k]) for k in ks]
+        sds = [statistics.stdev([r["mean_dice"] for r in by_k[k]]) if len(by_k[k]) > 1 else 0.0 for k in ks]
+        shift = [k * (1 + 0.02 * (i - (n - 1) / 2)) for k in ks]  # small offsets keep error bars apart
+        ax.errorbar(shift, means, yerr=sds, marker="o", capsize=3,
+                    label=method if len({(b, p) for b, p, _ in groups}) == 1 else f"{method} ({budget}, {prec})")
+    ax.set_xscale("log")
+    ks_all = sorted({r["labeled"] for r in rows})
+    ax.set_xticks(ks_all, [str(k) for k in ks_all])
+    ax.set_xlabel("labelled cases for fine-tuning")
+    ax.set_ylabel("mean test Dice")
+    ax.set_ylim(0, 1)
+    ax.set_title(title)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def main_benchmark(args) -> int:
+    budget = "quick" if args.quick else args.budget
+    methods = tuple(args.methods) if args.methods else tuple(METHODS)
+    labeled = tuple(args.labeled) if args.labeled else ((5,) if args.quick else (5, 20))
+    seeds = tuple(args.seeds) if args.seeds else ((0,) if args.quick else (0, 1))
+    s = Settings(dataset=str(args.d), work_dir=args.work_dir, methods=methods, labeled=labeled, seeds=seeds,
+                 budget=budget, precision=args.precision, device=args.device, configuration=args.c,
+                 test_raw=args.test_raw, test_fraction=args.test_fraction, split_seed=args.split_seed,
+                 num_processes=args.np)
+    work = Path(s.work_dir)
+    work.mkdir(parents=True, exist_ok=True)
+    (work / "settings.json").write_text(json.dumps({**asdict(s), "argv": sys.argv}, indent=1))
+    run_benchmark(s)
+    print((work / "results.md").read_text())
+    return 0

@@ -1,0 +1,139 @@
+"""nnunet-ssl benchmark: the protocol's splits and budgets, the reports, and one small run end to end."""
+import csv
+import json
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from conftest import BIN, clean_env, run
+from nnunet_ssl import benchmark as bm
+from nnunet_ssl.phantom import make_phantom_dataset
+
+
+@pytest.fixture(scope="module")
+def phantom_raw(tmp_path_factory):
+    raw = tmp_path_factory.mktemp("bench") / "raw"
+    make_phantom_dataset(raw, 990, "SSLPhantom", num_train=12, num_test=3, shape=(32, 32, 32), seed=0)
+    return raw
+
+
+def test_holdout_split_is_seeded_disjoint_and_pool_only(phantom_raw, tmp_path):
+    src = phantom_raw / "Dataset990_SSLPhantom"
+    a = bm.prepare_data(tmp_path / "a", src, None, split_seed=3, test_fraction=0.25, max_test=None)
+    b = bm.prepare_data(tmp_path / "b", src, None, split_seed=3, test_fraction=0.25, max_test=None)
+    c = bm.prepare_data(tmp_path / "c", src, None, split_seed=4, test_fraction=0.25, max_test=None)
+    assert a["test"] == b["test"] and a["test"] != c["test"]
+    assert len(a["test"]) == 3 and len(a["pool"]) == 9 and not set(a["test"]) & set(a["pool"])
+    # only pool cases reach the benchmark's nnUNet_raw, so nnU-Net never preprocesses a test case
+    linked = sorted(p.name for p in (tmp_path / "a" / "nnUNet_raw" / src.name / "labelsTr").iterdir())
+    assert linked == [f"{c}.nii.gz" for c in a["pool"]]
+    assert json.loads((tmp_path / "a" / "nnUNet_raw" / src.name / "dataset.json").read_text())["numTraining"] == 9
+    assert sorted(p.name for p in (tmp_path / "a" / "test" / "labels").iterdir()) == \
+        [f"{c}.nii.gz" for c in a["test"]]
+    # the same work dir refuses another split instead of mixing results
+    with pytest.raises(SystemExit, match="another dataset/split"):
+        bm.prepare_data(tmp_path / "a", src, None, split_seed=4, test_fraction=0.25, max_test=None)
+
+
+def test_test_raw_makes_every_case_pool(phantom_raw, tmp_path):
+    src = phantom_raw / "Dataset990_SSLPhantom"
+    d = bm.prepare_data(tmp_path, src, src, split_seed=0, test_fraction=0.25, max_test=None)
+    assert len(d["pool"]) == 12 and d["test"] == ["phantom_012", "phantom_013", "phantom_014"]
+    with pytest.raises(SystemExit, match="imagesTs/ \\+ labelsTs/"):
+        bm.prepare_data(tmp_path / "x", src, tmp_path / "nowhere", split_seed=0, test_fraction=0.25, max_test=None)
+
+
+def test_labelled_subsets_nested_in_k_and_disjoint_from_validation():
+    pool = [f"c{i:03d}" for i in range(40)]
+    for seed in (0, 1):
+        l5, v5 = bm.labelled_cases(pool, seed, 5, 3)
+        l20, v20 = bm.labelled_cases(pool, seed, 20, 3)
+        assert set(l5) <= set(l20) and v5 == v20 and not set(v20) & set(l20)
+    assert bm.labelled_cases(pool, 0, 5, 3)[0] != bm.labelled_cases(pool, 1, 5, 3)[0]
+    with pytest.raises(SystemExit, match="too few"):
+        bm.labelled_cases(pool, 0, 38, 3)
+
+
+def test_fold_numbers_are_stable_when_settings_grow(tmp_path):
+    assert bm.fold_of(tmp_path, 0, 5) == 1
+    assert bm.fold_of(tmp_path, 0, 20) == 2
+    assert bm.fold_of(tmp_path, 1, 5) == 3
+    assert bm.fold_of(tmp_path, 0, 20) == 2  # a rerun with other --labeled/--seeds keeps finished folds
+
+
+@pytest.mark.parametrize("budget", list(bm.BUDGETS))
+def test_scratch_long_matches_pretraining_plus_finetuning(budget):
+    its = bm.check_budget(bm.BUDGETS[budget], list(bm.METHODS))
+    pre = {v for k, v in its.items() if k.startswith("pretrain_")}
+    assert len(pre) == 1 and its["finetune_long"] == its["finetune"] + pre.pop()
+
+
+def test_reports_mean_and_sd_over_seeds(tmp_path):
+    (tmp_path / "cells").mkdir()
+    rows = []
+    for method, dices in (("scratch", (0.5, 0.7)), ("spade", (0.6, 0.8))):
+        for seed, d in enumerate(dices):
+            rows.append({"method": method, "labeled": 5, "seed": seed, "precision": "fp32", "budget": "cpu",
+                         "dataset": "DatasetX", "pretrain_trainer": "" if method == "scratch" else "S_cpu",
+                         "finetune_trainer": "F", "pretrain_iterations": 0 if method == "scratch" else 10,
+                         "finetune_iterations": 20, "total_iterations": 20, "num_test": 4, "mean_dice": d,
+                         "dice_1": d, "dice_2": d / 2, "pretrain_s": 1.0, "finetune_s": 2.0, "predict_s": 3.0})
+    for i, r in enumerate(rows):
+        (tmp_path / "cells" / f"{i}.json").write_text(json.dumps(r))
+    s = bm.Settings("990", str(tmp_path), ("scratch", "spade"), (5,), (0, 1), "cpu")
+    bm.write_reports(tmp_path, {"labels": {"background": 0, "a": 1, "b": 2}}, s)
+    md = (tmp_path / "results.md").read_text()
+    assert "| cpu | fp32 | scratch | 0 + 20 | 0.600 ± 0.141 (n=2) |" in md
+    assert "| cpu | fp32 | spade | 10 + 20 | 0.700 ± 0.141 (n=2) |" in md
+    assert "| a | b |" in md
+    with open(tmp_path / "results.csv") as f:
+        table = list(csv.DictReader(f))
+    assert len(table) == 4 and [r["method"] for r in table] == ["scratch", "scratch", "spade", "spade"]
+    assert float(table[3]["dice_2"]) == pytest.approx(0.4)
+    assert (tmp_path / "results.png").stat().st_size > 1000
+
+
+def test_unknown_method_and_dataset_fail_clearly(tmp_path):
+    env = clean_env(tmp_path)
+    (tmp_path / "raw").mkdir()
+    res = subprocess.run([str(BIN / "nnunet-ssl"), "benchmark", "-d", "990", "--methods", "mae",
+                          "--work-dir", str(tmp_path / "w")], env=env, capture_output=True, text=True)
+    assert res.returncode != 0 and "unknown method(s) mae" in res.stderr
+    res = subprocess.run([str(BIN / "nnunet-ssl"), "benchmark", "-d", "123", "--work-dir", str(tmp_path / "w")],
+                         env=env, capture_output=True, text=True)
+    assert res.returncode != 0 and "dataset 123 not found" in res.stderr
+
+
+@pytest.mark.slow
+def test_benchmark_end_to_end_and_resume(phantom_raw, tmp_path):
+    """Smoke scale, scratch vs spade, scored on the dataset's imagesTs through --test-raw; a rerun recomputes
+    nothing but a lost cell's prediction and score, redone from the kept fine-tuned model."""
+    env = {k: v for k, v in clean_env(tmp_path).items() if k not in ("nnUNet_preprocessed", "nnUNet_results")}
+    env["nnUNet_raw"] = str(phantom_raw)
+    work = tmp_path / "w"
+    cmd = [BIN / "nnunet-ssl", "benchmark", "-d", "990", "--quick", "--methods", "scratch", "spade",
+           "--labeled", "3", "--seeds", "0", "--test-raw", phantom_raw / "Dataset990_SSLPhantom",
+           "--work-dir", work, "--precision", "fp32"]
+    first = run(cmd, env, timeout=1200)
+    assert "seed=0: pretraining SpadePretrainTrainer_smoke" in first.stdout and "seed=0: fine-tuning" in first.stdout
+    with open(work / "results.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert sorted((r["method"], r["seed"]) for r in rows) == [("scratch", "0"), ("spade", "0")]
+    for r in rows:
+        assert r["num_test"] == "3" and 0 <= float(r["mean_dice"]) <= 1 and r["budget"] == "quick"
+        assert {"dice_1", "dice_2", "dice_3", "dice_4"} <= set(r)
+    spade = next(r for r in rows if r["method"] == "spade")
+    assert spade["pretrain_iterations"] == "4" and spade["total_iterations"] == "8"
+    # the pretraining fold is the pool, which is every imagesTr case and no test case
+    splits = json.loads((work / "nnUNet_preprocessed" / "Dataset990_SSLPhantom" / "splits_final.json").read_text())
+    assert len(splits[0]["train"]) == 12 and all(len(s["train"]) == 3 for s in splits[1:])
+    assert (work / "results.png").exists() and "| quick | fp32 | spade |" in (work / "results.md").read_text()
+
+    lost = next((work / "cells").glob("*spade__k3__s0.json"))
+    lost.unlink()
+    again = run(cmd, env, timeout=600)
+    assert again.stdout.count("done before") == 1 and "predicting" in again.stdout
+    assert "seed=0: fine-tuning" not in again.stdout and "seed=0: pretraining" not in again.stdout
+    assert lost.exists()
+    assert Path(work / "results.csv").read_text().count("\n") == 3

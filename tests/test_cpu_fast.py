@@ -1,0 +1,263 @@
+"""CPU fast path (bf16 autocast + channels-last): detection, which setting wins, float32 losses, a real train step
+of the plugin's trainers with the path off (exactly nnU-Net's float32 step) and on, and contiguous checkpoints.
+
+Trainers are built from a small in-memory plan (no planning or preprocessing: the steps get synthetic batches), so
+the whole file runs in seconds."""
+import copy
+
+import numpy as np
+import pytest
+import torch
+from nnunet_ssl.trainers import (
+    PDCRUAFSTrainer,
+    SpadePretrainTrainer,
+    nnUNetTrainerFinetune,
+)
+from nnunetv2.training.loss.compound_losses import DC_and_CE_loss
+from nnunetv2.training.loss.deep_supervision import DeepSupervisionWrapper
+from nnunetv2.training.loss.dice import MemoryEfficientSoftDiceLoss
+from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
+
+from nnunet_ssl.nnunet import cpu_fast
+from nnunet_ssl.nnunet.cpu_fast import (
+    ENV_VAR,
+    Float32Loss,
+    cpu_supports_bf16,
+    resolve_cpu_bf16,
+)
+
+PATCH = 16
+NUM_CLASSES = 3
+CPU = torch.device("cpu")
+
+
+# ---------------------------------------------------------------------------------------------- detection / setting
+@pytest.mark.parametrize("flags,capability,expected", [
+    ("fpu avx512f avx512_bf16 avx512_vnni", "AVX512", True),
+    ("fpu avx512f amx_bf16 amx_tile", "AVX512", True),
+    ("fpu avx2 avx512f avx512_vnni", "AVX512", False),       # AVX-512 without bf16
+    ("fpu avx512f avx512_bf16", "AVX2", False),               # torch limited to AVX2 kernels
+])
+def test_detection_reads_cpuinfo_flags(tmp_path, flags, capability, expected):
+    info = tmp_path / "cpuinfo"
+    info.write_text(f"processor\t: 0\nmodel name\t: test\nflags\t\t: {flags}\n\nprocessor\t: 1\nflags\t\t: {flags}\n")
+    assert cpu_supports_bf16(str(info), torch_capability=capability) is expected
+
+
+def test_detection_without_cpuinfo_is_off(tmp_path):
+    assert cpu_supports_bf16(str(tmp_path / "missing"), torch_capability="AVX512") is False
+
+
+def test_setting_precedence(monkeypatch):
+    monkeypatch.delenv(ENV_VAR, raising=False)
+    monkeypatch.setattr(cpu_fast, "_this_cpu_supports_bf16", lambda: True)
+    assert resolve_cpu_bf16(None, CPU)[0] is True                   # auto, bf16 CPU
+    assert resolve_cpu_bf16(False, CPU)[0] is False                 # class attribute beats auto
+    assert resolve_cpu_bf16(True, torch.device("cuda"))[0] is False  # never on other devices
+    monkeypatch.setattr(cpu_fast, "_this_cpu_supports_bf16", lambda: False)
+    assert resolve_cpu_bf16(None, CPU)[0] is False                  # auto, CPU without bf16
+    monkeypatch.setenv(ENV_VAR, "1")
+    assert resolve_cpu_bf16(False, CPU)[0] is True                  # the environment beats the attribute
+    monkeypatch.setenv(ENV_VAR, "0")
+    assert resolve_cpu_bf16(True, CPU)[0] is False
+    monkeypatch.setenv(ENV_VAR, "maybe")
+    with pytest.raises(ValueError, match=ENV_VAR):
+        resolve_cpu_bf16(None, CPU)
+
+
+def test_float32_loss_on_bf16_deep_supervision_outputs():
+    torch.manual_seed(0)
+    loss = DeepSupervisionWrapper(DC_and_CE_loss({"batch_dice": False, "smooth": 1e-5, "do_bg": False,
+                                                  "ddp": False}, {}, weight_ce=1, weight_dice=1,
+                                                 dice_class=MemoryEfficientSoftDiceLoss), [1.0, 0.5])
+    logits = [torch.randn(2, NUM_CLASSES, 8, 8, 8), torch.randn(2, NUM_CLASSES, 4, 4, 4)]
+    target = [torch.randint(0, NUM_CLASSES, (2, 1, 8, 8, 8)).float(),
+              torch.randint(0, NUM_CLASSES, (2, 1, 4, 4, 4)).float()]
+    bf16 = [x.bfloat16() for x in logits]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        plain = loss(bf16, target)
+        wrapped = Float32Loss(loss)(bf16, target)
+    reference = loss([x.float() for x in bf16], target)
+    assert wrapped.dtype == torch.float32 and wrapped.item() == reference.item()
+    # without the wrapper parts of nnU-Net's loss (the Dice term's softmax) run in bf16 under autocast
+    assert plain.item() != reference.item()
+
+
+# ---------------------------------------------------------------------------------------------- tiny trainers
+def _plans() -> dict:
+    conf = {
+        "data_identifier": "tiny_3d_fullres", "preprocessor_name": "DefaultPreprocessor", "batch_size": 2,
+        "patch_size": [PATCH] * 3, "median_image_size_in_voxels": [24.0] * 3, "spacing": [1.0] * 3,
+        "normalization_schemes": ["ZScoreNormalization"], "use_mask_for_norm": [False],
+        "resampling_fn_data": "resample_data_or_seg_to_shape", "resampling_fn_seg": "resample_data_or_seg_to_shape",
+        "resampling_fn_data_kwargs": {"is_seg": False, "order": 3, "order_z": 0, "force_separate_z": None},
+        "resampling_fn_seg_kwargs": {"is_seg": True, "order": 1, "order_z": 0, "force_separate_z": None},
+        "resampling_fn_probabilities": "resample_data_or_seg_to_shape",
+        "resampling_fn_probabilities_kwargs": {"is_seg": False, "order": 1, "order_z": 0, "force_separate_z": None},
+        "architecture": {
+            "network_class_name": "dynamic_network_architectures.architectures.unet.PlainConvUNet",
+            "arch_kwargs": {"n_stages": 3, "features_per_stage": [4, 8, 16], "conv_op": "torch.nn.modules.conv.Conv3d",
+                            "kernel_sizes": [[3, 3, 3]] * 3, "strides": [[1, 1, 1], [2, 2, 2], [2, 2, 2]],
+                            "n_conv_per_stage": [2, 2, 2], "n_conv_per_stage_decoder": [2, 2], "conv_bias": True,
+                            "norm_op": "torch.nn.modules.instancenorm.InstanceNorm3d",
+                            "norm_op_kwargs": {"eps": 1e-05, "affine": True}, "dropout_op": None,
+                            "dropout_op_kwargs": None, "nonlin": "torch.nn.LeakyReLU", "nonlin_kwargs": {"inplace": True}},
+            "_kw_requires_import": ["conv_op", "norm_op", "dropout_op", "nonlin"]},
+        "batch_dice": False}
+    return {"dataset_name": "Dataset997_CpuFast", "plans_name": "tiny", "original_median_spacing_after_transp": [1.0] * 3,
+            "original_median_shape_after_transp": [24] * 3, "image_reader_writer": "SimpleITKIO",
+            "transpose_forward": [0, 1, 2], "transpose_backward": [0, 1, 2], "configurations": {"3d_fullres": conf},
+            "experiment_planner_used": "test", "label_manager": "LabelManager",
+            "foreground_intensity_properties_per_channel": {"0": {
+                "max": 1.0, "mean": 0.0, "median": 0.0, "min": -1.0, "percentile_00_5": -1.0, "percentile_99_5": 1.0,
+                "std": 1.0}},
+            "continue_training": False}
+
+
+DATASET_JSON = {"channel_names": {"0": "MRI"}, "labels": {"background": 0, "a": 1, "b": 2}, "numTraining": 2,
+                "file_ending": ".nii.gz"}
+
+
+@pytest.fixture
+def nnunet_dirs(tmp_path, monkeypatch):
+    pre = tmp_path / "preprocessed"
+    (pre / "Dataset997_CpuFast" / "tiny_3d_fullres").mkdir(parents=True)
+    (pre / "Dataset997_CpuFast" / "tiny_3d_fullres" / "case.b2nd").touch()  # lets nnU-Net infer its dataset class
+    monkeypatch.setenv("nnUNet_preprocessed", str(pre))  # nnU-Net 2.8 reads its paths from the environment on use
+    monkeypatch.setenv("nnUNet_results", str(tmp_path / "results"))
+    monkeypatch.delenv(ENV_VAR, raising=False)
+    return tmp_path
+
+
+def _trainer(cls, cpu_bf16: bool, seed: int = 0):
+    torch.manual_seed(seed)
+    tr = cls(_plans(), "3d_fullres", 0, DATASET_JSON, CPU)
+    tr.cpu_bf16 = cpu_bf16
+    tr.initialize()
+    return tr
+
+
+def _segmentation_batch(seed: int = 1) -> dict:
+    g = torch.Generator().manual_seed(seed)
+    labels = torch.randint(0, NUM_CLASSES, (2, 1, PATCH, PATCH, PATCH), generator=g).float()
+    targets = [labels, labels[:, :, ::2, ::2, ::2].contiguous(), labels[:, :, ::4, ::4, ::4].contiguous()]
+    return {"data": torch.randn(2, 1, PATCH, PATCH, PATCH, generator=g), "target": targets, "keys": ["a", "b"]}
+
+
+def _pretraining_batch(seed: int = 1) -> dict:
+    """Two cases x two views (view-major rows), the second view shifted by 3 voxels: the metadata Spade reads."""
+    g = torch.Generator().manual_seed(seed)
+    grid = torch.stack(torch.meshgrid(*[torch.arange(PATCH, dtype=torch.float32)] * 3, indexing="ij"))
+    shifts = torch.tensor([[0.0, 0, 0], [20, 20, 20], [3, 0, 0], [23, 20, 20]])  # rows: case 0, case 1 (view 0, 1)
+    coords = grid[None] + shifts[:, :, None, None, None]
+    scale = torch.full((4, 3), 1 / 48)
+    return {"data": torch.randn(4, 1, PATCH, PATCH, PATCH, generator=g), "coords": coords,
+            "valid": torch.ones(4, PATCH, PATCH, PATCH, dtype=torch.bool), "sample_index": torch.tensor([0, 1, 0, 1]),
+            "canonical_scale": scale, "canonical_offset": torch.zeros(4, 3),
+            "canonical_center": (shifts + (PATCH - 1) / 2) * scale, "keys": ["a", "b", "a", "b"]}
+
+
+def _record_forward(module, seen: list):
+    """Remember autocast state and output dtypes of every forward of ``module``."""
+    def hook(_mod, _inp, out):
+        outs = out.values() if isinstance(out, dict) else out if isinstance(out, (list, tuple)) else [out]
+        seen.append((torch.is_autocast_enabled("cpu"), {o.dtype for o in outs}))
+    return module.register_forward_hook(hook)
+
+
+def _conv_weights(module):
+    return [p for p in module.parameters() if p.ndim == 5]
+
+
+def test_finetune_fast_path_off_is_nnunets_float32_step(nnunet_dirs):
+    ours = _trainer(nnUNetTrainerFinetune, cpu_bf16=False)
+    stock = _trainer(nnUNetTrainerFinetune, cpu_bf16=False)  # same seed: same weights
+    seen = []
+    _record_forward(ours.network, seen)
+    out = ours.train_step(_segmentation_batch())
+    ref = nnUNetTrainer.train_step(stock, _segmentation_batch())  # nnU-Net's own step, bypassing the mixin
+    assert seen == [(False, {torch.float32})]
+    assert not isinstance(ours.loss, Float32Loss)
+    assert out["loss"] == ref["loss"]
+    for a, b in zip(ours.network.parameters(), stock.network.parameters()):
+        assert torch.equal(a, b) and a.is_contiguous()
+    with open(ours.log_file) as log:
+        assert "CPU fast path (bf16 autocast + channels-last): off (cpu_bf16 = False)" in log.read()
+
+
+@pytest.mark.parametrize("cls", [nnUNetTrainerFinetune, PDCRUAFSTrainer])
+def test_segmentation_fast_path_on(nnunet_dirs, cls):
+    tr = _trainer(cls, cpu_bf16=True)
+    assert all(w.is_contiguous(memory_format=torch.channels_last_3d) for w in _conv_weights(tr.network))
+    before = copy.deepcopy(tr.network.state_dict())
+    seen, losses = [], []
+    _record_forward(tr.network, seen)
+    step_loss = tr.loss
+
+    def recording_loss(output, target):
+        value = step_loss(output, target)
+        losses.append((value, [o.detach() for o in output], target))
+        return value
+
+    tr.loss = recording_loss
+    out = tr.train_step(_segmentation_batch())
+    assert seen[0] == (True, {torch.bfloat16})  # the forward ran under bf16 autocast
+    # the step's loss is nnU-Net's Dice+CE computed in float32 from the bf16 logits
+    (value, output, target), = losses
+    assert value.dtype == torch.float32
+    assert value.item() == tr._build_loss()([o.float() for o in output], target).item()
+    assert np.isfinite(out["loss"]) and all(np.isfinite(v) for v in out.values())
+    grads = [p.grad for p in tr.network.parameters() if p.grad is not None]
+    assert grads and all(torch.isfinite(g).all() for g in grads)
+    assert any(not torch.equal(before[k], v) for k, v in tr.network.state_dict().items())
+    assert all(w.is_contiguous(memory_format=torch.channels_last_3d) for w in _conv_weights(tr.network))
+    tr.network.eval()
+    val = tr.validation_step(_segmentation_batch(seed=2))
+    assert np.isfinite(val["loss"]) and len(val["tp_hard"]) == NUM_CLASSES - 1
+    with open(tr.log_file) as log:
+        assert "CPU fast path (bf16 autocast + channels-last): on (cpu_bf16 = True)" in log.read()
+
+
+@pytest.mark.parametrize("cpu_bf16", [False, True])
+def test_pretraining_step_both_ways(nnunet_dirs, cpu_bf16):
+    tr = _trainer(SpadePretrainTrainer, cpu_bf16=cpu_bf16)
+    seen, loss_dtypes = [], []
+    _record_forward(tr.model, seen)
+    compute_loss = tr.compute_loss
+
+    def recording_compute_loss(outputs, batch):
+        loss, terms = compute_loss(outputs, batch)
+        loss_dtypes.append(loss.dtype)
+        return loss, terms
+
+    tr.compute_loss = recording_compute_loss
+    out = tr.train_step(_pretraining_batch())
+    dtype = torch.bfloat16 if cpu_bf16 else torch.float32
+    assert seen == [(cpu_bf16, {dtype})]
+    assert loss_dtypes == [torch.float32]
+    assert np.isfinite(out["loss"]) and np.isfinite(out["local"]) and np.isfinite(out["global"])
+    grads = [p.grad for p in list(tr.network.parameters()) + list(tr.heads.parameters()) if p.grad is not None]
+    assert grads and all(torch.isfinite(g).all() for g in grads)
+    fmt = torch.channels_last_3d if cpu_bf16 else torch.contiguous_format
+    assert all(w.is_contiguous(memory_format=fmt) for w in _conv_weights(tr.network) + _conv_weights(tr.heads))
+
+
+@pytest.mark.parametrize("cls,batch", [(nnUNetTrainerFinetune, _segmentation_batch),
+                                       (PDCRUAFSTrainer, _segmentation_batch),
+                                       (SpadePretrainTrainer, _pretraining_batch)])
+def test_checkpoints_of_fast_path_are_contiguous(nnunet_dirs, cls, batch):
+    tr = _trainer(cls, cpu_bf16=True)
+    tr.train_step(batch())  # optimizer momentum buffers now exist, in channels-last layout
+    f = nnunet_dirs / "checkpoint.pth"
+    tr.save_checkpoint(str(f))
+    ckpt = torch.load(f, map_location="cpu", weights_only=False)
+    tensors = list(ckpt["network_weights"].values())
+    tensors += [v for s in ckpt["optimizer_state"]["state"].values() for v in s.values() if torch.is_tensor(v)]
+    assert any(t.ndim == 5 for t in tensors)
+    assert all(t.is_contiguous() for t in tensors)
+    # training goes on in channels-last layout, and a stock (contiguous) network takes the weights as they are
+    assert all(w.is_contiguous(memory_format=torch.channels_last_3d) for w in _conv_weights(tr.network))
+    fresh = _trainer(cls, cpu_bf16=False)
+    fresh.network.load_state_dict(ckpt["network_weights"])
+    for k, v in fresh.network.state_dict().items():
+        assert torch.equal(v, ckpt["network_weights"][k])
