@@ -345,12 +345,16 @@ def run_benchmark(s: Settings) -> List[dict]:
         fold = fold_of(work, seed, k)
         results = work / "results" / tag / method
         ft_out = results / ds_name / f"{ft_trainer}__{budget.plans}__{s.configuration}" / f"fold_{fold}"
+        ft_time_file = ft_out / "finetune_time.json"
         if not (ft_out / "checkpoint_final.pth").exists():
             _log(f"{label}: fine-tuning {ft_trainer} on {k} labelled cases"
                  + (f" from {pre_trainer}" if weights else " from scratch"))
-            times["finetune_s"] = round(_train(dataset_id, s.configuration, fold, ft_trainer, budget.plans,
-                                               env(results), ft_out, work / "logs" / tag / f"ft_{method}_k{k}_s{seed}.log",
-                                               f"{method} k={k} s={seed}", s.device, weights), 1)
+            took = _train(dataset_id, s.configuration, fold, ft_trainer, budget.plans, env(results), ft_out,
+                          work / "logs" / tag / f"ft_{method}_k{k}_s{seed}.log", f"{method} k={k} s={seed}",
+                          s.device, weights)
+            _atomic_json(ft_time_file, {"finetune_s": round(took, 1)})
+        # wall time of the (last) fine-tuning invocation; 0 where a run from before this record was reused
+        times["finetune_s"] = json.loads(ft_time_file.read_text())["finetune_s"] if ft_time_file.exists() else 0.0
         pred = work / "predictions" / tag / f"{method}_k{k}_s{seed}"
         shutil.rmtree(pred, ignore_errors=True)  # a prediction is cheap: never trust a partial folder
         _log(f"{label}: predicting {len(test)} test cases")

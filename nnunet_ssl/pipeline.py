@@ -32,6 +32,9 @@ def nnunet_env(raw: str, preprocessed: str, results: str, extra: Optional[Dict[s
     env = dict(os.environ)
     env.update({"nnUNet_raw": str(raw), "nnUNet_preprocessed": str(preprocessed), "nnUNet_results": str(results)})
     env.setdefault("nnUNet_compile", "false")
+    # nnU-Net's default of 8 worker processes (final validation, export) costs more in start-up than it saves on
+    # machines with fewer cores
+    env.setdefault("nnUNet_def_n_proc", str(min(8, os.cpu_count() or 1)))
     if extra:
         env.update(extra)
     return env
