@@ -139,3 +139,39 @@ def test_fresh_run_sets_aside_an_old_final_and_a_crash_leaves_none(tiny_dataset,
     assert "moved the previous run's checkpoint_final.pth" in stdout.read_text()
     assert load_checkpoint_file(str(out / "checkpoint_latest.pth"))["current_epoch"] == 1
     assert os.path.isfile(out / "checkpoint_best.pth")
+
+
+def test_finetuning_resumes_with_c_in_and_after_warm_up(tiny_dataset, tmp_path):
+    """nnU-Net's own nnUNetTrainer_warmup cannot load its checkpoints under torch >= 2.6; ours resume in the right
+    stage: the learning rates of a run that died in warm-up and again after it are those of an uninterrupted run."""
+    root = tiny_dataset
+    trainer = "nnUNetTrainerFinetune_crashtest"  # 5 epochs, 2 warm-up, checkpoint_latest.pth after every epoch
+    out = _output_folder(root, trainer)
+
+    def run(resume: bool, crash_after=None, name="run"):
+        env = {} if crash_after is None else {"NNUNET_SSL_TEST_CRASH_AFTER_EPOCH": crash_after}
+        stdout = tmp_path / f"{name}.txt"
+        code = _start(root, trainer, stdout, resume=resume, **env).wait(timeout=300)
+        assert code == (0 if crash_after is None else 17), stdout.read_text()[-3000:]
+        return stdout.read_text()
+
+    # the learning rates of an uninterrupted run, from nnU-Net's own schedulers
+    from nnunetv2.training.lr_scheduler.warmup import Lin_incr_LRScheduler, PolyLRScheduler_offset
+    optimizer = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1e-2)
+    warmup, train = Lin_incr_LRScheduler(optimizer, 1e-2, 2), PolyLRScheduler_offset(optimizer, 1e-2, 5, 2)
+    reference = []
+    for epoch in range(5):
+        (warmup if epoch < 2 else train).step(epoch)
+        reference.append(optimizer.param_groups[0]["lr"])
+
+    run(resume=False, crash_after=0, name="first")
+    assert load_checkpoint_file(str(out / "checkpoint_latest.pth"))["current_epoch"] == 1
+    resumed = run(resume=True, crash_after=2, name="resumed_in_warmup")
+    assert "Initialized warmup_all optimizer" in resumed
+    assert load_checkpoint_file(str(out / "checkpoint_latest.pth"))["current_epoch"] == 3
+    resumed = run(resume=True, name="resumed_after_warmup")
+    assert "Initialized train optimizer" in resumed and "warmup_all optimizer" not in resumed.split("Epoch 3")[0][-200:]
+    final = load_checkpoint_file(str(out / "checkpoint_final.pth"))
+    assert final["current_epoch"] == 5 and len(final["logging"]["train_losses"]) == 5
+    assert final["logging"]["lrs"] == pytest.approx(reference, rel=1e-12)
+    assert final["optimizer_state"]["state"], "the optimizer's momentum must survive the resumes"

@@ -4,11 +4,14 @@ Pretrained weights arrive through stock ``-pretrained_weights``; the randomly in
 produce large, noisy gradients at first, and a linear learning-rate warm-up of the whole network keeps them from
 overwriting the pretrained features before the heads have settled (nnU-Net's own ``nnUNetTrainer_warmup``).
 Use the same trainer for the from-scratch baseline so the comparison differs only in the initial weights."""
+from typing import Union
+
 import torch
 from nnunetv2.training.nnUNetTrainer.variants.lr_schedule.nnUNetTrainer_warmup import nnUNetTrainer_warmup
 
-from nnunet_ssl.nnunet.checkpoint import CrashSafeCheckpointsMixin
+from nnunet_ssl.nnunet.checkpoint import CrashSafeCheckpointsMixin, load_checkpoint_file
 from nnunet_ssl.nnunet.cpu_fast import CPUFastPathMixin
+from nnunet_ssl.nnunet.engine import unwrap
 
 
 class nnUNetTrainerFinetune(CrashSafeCheckpointsMixin, CPUFastPathMixin, nnUNetTrainer_warmup):
@@ -30,6 +33,31 @@ class nnUNetTrainerFinetune(CrashSafeCheckpointsMixin, CPUFastPathMixin, nnUNetT
         self.num_iterations_per_epoch = cls.num_iterations_per_epoch
         self.num_val_iterations_per_epoch = cls.num_val_iterations_per_epoch
         self.initial_lr = cls.initial_lr
+
+    def load_checkpoint(self, filename_or_checkpoint: Union[dict, str]) -> None:
+        # nnUNetTrainer_warmup.load_checkpoint calls torch.load without weights_only=False (torch >= 2.6 refuses the
+        # numpy scalars in nnU-Net's log) and, like nnUNetTrainer's, fails on a dict, so `--c` never worked for it.
+        # Same steps here; the optimizer of the checkpoint's stage (warm-up or poly schedule) is set up before its
+        # state is loaded.
+        if not self.was_initialized:
+            self.initialize()
+        ckpt = (load_checkpoint_file(filename_or_checkpoint, self.device)
+                if isinstance(filename_or_checkpoint, str) else filename_or_checkpoint)
+        network = unwrap(self.network)
+        own = network.state_dict().keys()
+        network.load_state_dict({k[7:] if k not in own and k.startswith("module.") else k: v
+                                 for k, v in ckpt["network_weights"].items()})
+        self.my_init_kwargs = ckpt["init_args"]
+        self.current_epoch = ckpt["current_epoch"]
+        self.logger.load_checkpoint(ckpt["logging"])
+        self._best_ema = ckpt["_best_ema"]
+        self.inference_allowed_mirroring_axes = ckpt.get("inference_allowed_mirroring_axes",
+                                                         self.inference_allowed_mirroring_axes)
+        stage = "warmup_all" if self.current_epoch < self.warmup_duration_whole_net else "train"
+        self.optimizer, self.lr_scheduler = self.configure_optimizers(stage)
+        self.optimizer.load_state_dict(ckpt["optimizer_state"])
+        if self.grad_scaler is not None and ckpt.get("grad_scaler_state") is not None:
+            self.grad_scaler.load_state_dict(ckpt["grad_scaler_state"])
 
 
 class nnUNetTrainerFinetune_cpu(nnUNetTrainerFinetune):
