@@ -4,8 +4,9 @@ Every public class here is found by ``nnUNetv2_train -tr NAME`` through the disc
 """
 from nnunet_ssl.trainers.drasclr import DrasCLRPretrainTrainer, DrasCLRPretrainTrainer_cpu, DrasCLRPretrainTrainer_smoke
 from nnunet_ssl.trainers.finetune import (nnUNetTrainerFinetune, nnUNetTrainerFinetune_cpu,
-                                          nnUNetTrainerFinetune_cpu_long, nnUNetTrainerFinetune_long,
-                                          nnUNetTrainerFinetune_smoke, nnUNetTrainerFinetune_smoke_long)
+                                          nnUNetTrainerFinetune_cpu_80ep, nnUNetTrainerFinetune_cpu_120ep,
+                                          nnUNetTrainerFinetune_long, nnUNetTrainerFinetune_smoke,
+                                          nnUNetTrainerFinetune_smoke_long)
 from nnunet_ssl.trainers.pdcr import PDCRTrainer, PDCRTrainer_smoke, PDCRUAFSTrainer, PDCRUAFSTrainer_smoke
 from nnunet_ssl.trainers.pcl import PCLPretrainTrainer, PCLPretrainTrainer_cpu, PCLPretrainTrainer_smoke
 from nnunet_ssl.trainers.simclr import SimCLRPretrainTrainer, SimCLRPretrainTrainer_cpu, SimCLRPretrainTrainer_smoke
@@ -21,8 +22,8 @@ PRETRAINING_TRAINERS = {c.__name__: c for c in (
     SimCLRPretrainTrainer, SimCLRPretrainTrainer_cpu, SimCLRPretrainTrainer_smoke)}
 
 SEGMENTATION_TRAINERS = {c.__name__: c for c in (
-    nnUNetTrainerFinetune, nnUNetTrainerFinetune_cpu, nnUNetTrainerFinetune_smoke,
-    nnUNetTrainerFinetune_long, nnUNetTrainerFinetune_cpu_long, nnUNetTrainerFinetune_smoke_long,
+    nnUNetTrainerFinetune, nnUNetTrainerFinetune_cpu, nnUNetTrainerFinetune_cpu_80ep, nnUNetTrainerFinetune_smoke,
+    nnUNetTrainerFinetune_long, nnUNetTrainerFinetune_cpu_120ep, nnUNetTrainerFinetune_smoke_long,
     PDCRTrainer, PDCRTrainer_smoke, PDCRUAFSTrainer, PDCRUAFSTrainer_smoke)}
 
 __all__ = list(PRETRAINING_TRAINERS) + list(SEGMENTATION_TRAINERS) + ["PRETRAINING_TRAINERS",
