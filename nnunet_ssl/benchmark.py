@@ -110,29 +110,6 @@ def check_budget(budget: Budget, methods: Sequence[str]) -> Dict[str, int]:
 
 
 # ---------------------------------------------------------------------------------------------- data
-def _case_ids(images_dir: Path, file_ending: str) -> List[str]:
-    return sorted({p.name[: -len(file_ending) - 5] for p in images_dir.glob(f"*_0000{file_ending}")})
-
-
-def _link(cases: Sequence[str], images: Path, labels: Path, dst_images: Path, dst_labels: Optional[Path],
-          file_ending: str, num_channels: int) -> None:
-    for d in (dst_images, dst_labels):
-        if d is not None:
-            shutil.rmtree(d, ignore_errors=True)
-            d.mkdir(parents=True)
-    for c in cases:
-        for ch in range(num_channels):
-            src = images / f"{c}_{ch:04d}{file_ending}"
-            if not src.exists():
-                raise SystemExit(f"case {c}: image {src} is missing (every case needs all {num_channels} channels)")
-            os.symlink(src.resolve(), dst_images / src.name)
-        if dst_labels is not None:
-            src = labels / f"{c}{file_ending}"
-            if not src.exists():
-                raise SystemExit(f"case {c}: label {src} is missing; the benchmark needs labels for every case")
-            os.symlink(src.resolve(), dst_labels / src.name)
-
-
 def find_raw_dataset(dataset: str) -> Path:
     raw = os.environ.get("nnUNet_raw")
     if not raw:
@@ -159,12 +136,12 @@ def prepare_data(work: Path, src: Path, test_raw: Optional[Path], split_seed: in
     """Pool-only raw dataset + linked test cases in the work dir; the split is fixed once per work dir."""
     dataset_json = json.loads((src / "dataset.json").read_text())
     fe, n_ch = dataset_json["file_ending"], len(dataset_json["channel_names"])
-    cases = _case_ids(src / "imagesTr", fe)
+    cases = pipeline.case_ids(src / "imagesTr", fe)
     if not cases:
         raise SystemExit(f"{src / 'imagesTr'} holds no images named CASE_0000{fe}")
     if test_raw is not None:
         test_images, test_labels = _test_folders(Path(test_raw))
-        pool, test = cases, _case_ids(test_images, fe)
+        pool, test = cases, pipeline.case_ids(test_images, fe)
         if not test:
             raise SystemExit(f"--test-raw: {test_images} holds no images named CASE_0000{fe}")
     else:
@@ -184,8 +161,8 @@ def prepare_data(work: Path, src: Path, test_raw: Optional[Path], split_seed: in
                              f"--test-fraction, --test-raw or budget); use a new --work-dir")
     raw_ds = work / "nnUNet_raw" / src.name
     if not (raw_ds / "dataset.json").exists() or not split_file.exists():
-        _link(pool, src / "imagesTr", src / "labelsTr", raw_ds / "imagesTr", raw_ds / "labelsTr", fe, n_ch)
-        _link(test, test_images, test_labels, work / "test" / "images", work / "test" / "labels", fe, n_ch)
+        pipeline.link_cases(pool, src / "imagesTr", src / "labelsTr", raw_ds / "imagesTr", raw_ds / "labelsTr", fe, n_ch)
+        pipeline.link_cases(test, test_images, test_labels, work / "test" / "images", work / "test" / "labels", fe, n_ch)
         (raw_ds / "dataset.json").write_text(json.dumps({**dataset_json, "numTraining": len(pool)}, indent=1))
         split_file.write_text(json.dumps(split, indent=1))
     return {**split, "raw_dataset": raw_ds, "dataset_json": dataset_json}
@@ -236,19 +213,6 @@ def resolved_precision(precision: str, device: str) -> str:
     except ImportError:
         return "fp32"
     return "bf16" if device == "cpu" and cpu_supports_bf16() else "fp32"
-
-
-def _train(dataset: str, configuration: str, fold: int, trainer: str, plans: str, env: dict, out: Path,
-           log: Path, label: str, device: str, weights: Optional[Path] = None) -> float:
-    """nnUNetv2_train, continuing an interrupted run with --c (nnU-Net forbids --c with -pretrained_weights)."""
-    resume = (out / "checkpoint_latest.pth").exists() or (out / "checkpoint_best.pth").exists()
-    cmd = [pipeline.bin_path("nnUNetv2_train"), dataset, configuration, str(fold), "-tr", trainer, "-p", plans,
-           "-device", device]
-    if resume:
-        cmd.append("--c")
-    elif weights is not None:
-        cmd += ["-pretrained_weights", str(weights)]
-    return pipeline.run_logged(cmd, env, log, label)
 
 
 def _atomic_json(path: Path, obj) -> None:
@@ -340,8 +304,9 @@ def run_benchmark(s: Settings) -> List[dict]:
             times_file = pre_out.parent / "pretrain_time.json"
             if not weights.exists():
                 _log(f"{label}: pretraining {pre_trainer} on {len(pool)} pool images")
-                took = _train(dataset_id, s.configuration, 0, pre_trainer, budget.plans, env(pre_results), pre_out,
-                              work / "logs" / tag / f"pretrain_{method}.log", f"pretrain {method}", s.device)
+                took = pipeline.train(dataset_id, s.configuration, 0, pre_trainer, budget.plans, env(pre_results),
+                                      work / "logs" / tag / f"pretrain_{method}.log", f"pretrain {method}",
+                                      s.device, output_folder=pre_out)
                 _atomic_json(times_file, {"pretrain_s": round(took, 1)})
             times["pretrain_s"] = json.loads(times_file.read_text())["pretrain_s"] if times_file.exists() else 0.0
         ft_trainer = budget.finetune_long_trainer if method == "scratch_long" else budget.finetune_trainer
@@ -352,9 +317,9 @@ def run_benchmark(s: Settings) -> List[dict]:
         if not (ft_out / "checkpoint_final.pth").exists():
             _log(f"{label}: fine-tuning {ft_trainer} on {k} labelled cases"
                  + (f" from {pre_trainer}" if weights else " from scratch"))
-            took = _train(dataset_id, s.configuration, fold, ft_trainer, budget.plans, env(results), ft_out,
-                          work / "logs" / tag / f"ft_{method}_k{k}_s{seed}.log", f"{method} k={k} s={seed}",
-                          s.device, weights)
+            took = pipeline.train(dataset_id, s.configuration, fold, ft_trainer, budget.plans, env(results),
+                                  work / "logs" / tag / f"ft_{method}_k{k}_s{seed}.log", f"{method} k={k} s={seed}",
+                                  s.device, weights, output_folder=ft_out)
             _atomic_json(ft_time_file, {"finetune_s": round(took, 1)})
         # wall time of the (last) fine-tuning invocation; 0 where a run from before this record was reused
         times["finetune_s"] = json.loads(ft_time_file.read_text())["finetune_s"] if ft_time_file.exists() else 0.0

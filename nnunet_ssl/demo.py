@@ -14,10 +14,9 @@ import contextlib
 import json
 import os
 import random
-import shutil
 import time
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import Dict, Optional
 
 from nnunet_ssl import pipeline
 
@@ -32,23 +31,6 @@ QUICK = dict(planner="nnUNetPlannerTiny", pretrain_trainer="SpadePretrainTrainer
 
 def _log(msg: str, t0: float) -> None:
     print(f"[{time.time() - t0:6.0f} s] {msg}", flush=True)
-
-
-def _case_ids(images_dir: Path, file_ending: str) -> List[str]:
-    return sorted({p.name[: -len(file_ending) - 5] for p in images_dir.glob(f"*_0000{file_ending}")})
-
-
-def _link_cases(cases: List[str], src_images: Path, src_labels: Path, dst_images: Path, dst_labels: Path,
-                file_ending: str, num_channels: int) -> None:
-    for d in (dst_images, dst_labels):
-        if d.exists():
-            shutil.rmtree(d)
-        d.mkdir(parents=True)
-    for c in cases:
-        for ch in range(num_channels):
-            name = f"{c}_{ch:04d}{file_ending}"
-            os.symlink((src_images / name).resolve(), dst_images / name)
-        os.symlink((src_labels / f"{c}{file_ending}").resolve(), dst_labels / f"{c}{file_ending}")
 
 
 def run_demo(work_dir: str = "nnunet_ssl_demo", dataset: Optional[int] = None, labeled: int = 5,
@@ -91,8 +73,8 @@ def run_demo(work_dir: str = "nnunet_ssl_demo", dataset: Optional[int] = None, l
     env = lambda results: pipeline.nnunet_env(raw, preprocessed, work / results, env_extra)  # noqa: E731
 
     # ---- test split: the dataset's labelled imagesTs, else a seeded hold-out of imagesTr
-    pool = _case_ids(ds_dir / "imagesTr", fe)
-    ts_cases = _case_ids(ds_dir / "imagesTs", fe) if (ds_dir / "imagesTs").is_dir() else []
+    pool = pipeline.case_ids(ds_dir / "imagesTr", fe)
+    ts_cases = pipeline.case_ids(ds_dir / "imagesTs", fe) if (ds_dir / "imagesTs").is_dir() else []
     if ts_cases and (ds_dir / "labelsTs").is_dir():
         test, test_images, test_labels = ts_cases, ds_dir / "imagesTs", ds_dir / "labelsTs"
         src_images, src_labels = ds_dir / "imagesTs", ds_dir / "labelsTs"
@@ -102,7 +84,7 @@ def run_demo(work_dir: str = "nnunet_ssl_demo", dataset: Optional[int] = None, l
         pool = [c for c in pool if c not in test]
         src_images, src_labels = ds_dir / "imagesTr", ds_dir / "labelsTr"
     test_images, test_labels = work / "test" / "images", work / "test" / "labels"
-    _link_cases(test, src_images, src_labels, test_images, test_labels, fe, n_ch)
+    pipeline.link_cases(test, src_images, src_labels, test_images, test_labels, fe, n_ch)
     if labeled + num_val > len(pool):
         raise SystemExit(f"the pool has {len(pool)} cases: too few for {labeled} labelled + {num_val} validation "
                          f"cases; lower --labeled")
@@ -136,7 +118,7 @@ def run_demo(work_dir: str = "nnunet_ssl_demo", dataset: Optional[int] = None, l
         _log(f"pretraining: nnUNetv2_train {dataset} {configuration} 1 -tr {pretrain_trainer} -p {plans_id}", t0)
         times["pretrain_s"] = pipeline.train(dataset, configuration, 1, pretrain_trainer, plans_id,
                                              env("results_pretrain"), work / "logs" / "pretrain.log", "pretrain",
-                                             device)
+                                             device, output_folder=pre_out)
     else:
         _log(f"pretraining already done: {ckpt}", t0)
 
@@ -150,7 +132,8 @@ def run_demo(work_dir: str = "nnunet_ssl_demo", dataset: Optional[int] = None, l
                  f"-tr {finetune_trainer} -p {plans_id}" + (f" -pretrained_weights {weights}" if weights else ""), t0)
             times[f"finetune_{variant}_s"] = pipeline.train(dataset, configuration, 0, finetune_trainer, plans_id,
                                                             env(res_dir), work / "logs" / f"finetune_{variant}.log",
-                                                            variant, device, pretrained_weights=weights)
+                                                            variant, device, pretrained_weights=weights,
+                                                            output_folder=out)
         pred = work / "predictions" / variant
         if not (pred / "summary.json").exists():
             _log(f"predicting {len(test)} test cases [{variant}] with nnUNetv2_predict", t0)

@@ -69,6 +69,32 @@ def run_logged(cmd: Sequence[str], env: Dict[str, str], log_file: Path, label: s
     return time.time() - start
 
 
+def case_ids(images_dir: Path, file_ending: str) -> List[str]:
+    """Case identifiers of an nnU-Net raw image folder (from the files of channel 0)."""
+    return sorted({p.name[: -len(file_ending) - 5] for p in Path(images_dir).glob(f"*_0000{file_ending}")})
+
+
+def link_cases(cases: Sequence[str], images: Path, labels: Optional[Path], dst_images: Path,
+               dst_labels: Optional[Path], file_ending: str, num_channels: int) -> None:
+    """Fresh ``dst_images`` (and ``dst_labels``) folders with symbolic links to the given cases' files; a missing
+    channel or label is an error, never a silently smaller set."""
+    for d in (dst_images, dst_labels):
+        if d is not None:
+            shutil.rmtree(d, ignore_errors=True)
+            Path(d).mkdir(parents=True)
+    for c in cases:
+        for ch in range(num_channels):
+            src = Path(images) / f"{c}_{ch:04d}{file_ending}"
+            if not src.exists():
+                raise SystemExit(f"case {c}: image {src} is missing (every case needs all {num_channels} channels)")
+            os.symlink(src.resolve(), Path(dst_images) / src.name)
+        if dst_labels is not None:
+            src = Path(labels) / f"{c}{file_ending}"
+            if not src.exists():
+                raise SystemExit(f"case {c}: label {src} is missing; every case used here needs its label")
+            os.symlink(src.resolve(), Path(dst_labels) / src.name)
+
+
 def write_splits(preprocessed_dataset_dir: Path, folds: List[Dict[str, List[str]]]) -> None:
     """nnU-Net's splits_final.json: fold i trains on folds[i]['train'] and validates on folds[i]['val']."""
     path = Path(preprocessed_dataset_dir) / "splits_final.json"
@@ -77,10 +103,16 @@ def write_splits(preprocessed_dataset_dir: Path, folds: List[Dict[str, List[str]
 
 def train(dataset: int, configuration: str, fold: str, trainer: str, plans: str, env: Dict[str, str],
           log_file: Path, label: str, device: str = "cpu", pretrained_weights: Optional[str] = None,
-          echo: Callable[[str], None] = print) -> float:
+          echo: Callable[[str], None] = print, output_folder: Optional[Path] = None) -> float:
+    """nnUNetv2_train; with ``output_folder`` (the run's nnU-Net output folder) an interrupted run that left a
+    checkpoint there continues with --c (its weights already include the pretrained ones: nnU-Net forbids --c
+    together with -pretrained_weights)."""
     cmd = [bin_path("nnUNetv2_train"), str(dataset), configuration, str(fold), "-tr", trainer, "-p", plans,
            "-device", device]
-    if pretrained_weights:
+    out = Path(output_folder) if output_folder is not None else None
+    if out is not None and any((out / f).exists() for f in ("checkpoint_latest.pth", "checkpoint_best.pth")):
+        cmd.append("--c")
+    elif pretrained_weights:
         cmd += ["-pretrained_weights", str(pretrained_weights)]
     return run_logged(cmd, env, log_file, label, echo)
 

@@ -45,6 +45,7 @@ from nnunet_ssl.core.objectives import momentum_update
 from nnunet_ssl.nnunet.checkpoint import CrashSafeCheckpointsMixin, atomic_torch_save, load_checkpoint_file
 from nnunet_ssl.nnunet.cpu_fast import CPUFastPathMixin, contiguous_tensors
 from nnunet_ssl.nnunet.pair_loader import TwoViewDataLoader
+from nnunet_ssl.nnunet.progress import ThrottledProgressPlotMixin
 from nnunet_ssl.nnunet.transforms import split_training_transforms
 from nnunet_ssl.nnunet.unlabeled import CombinedDataset, load_unlabeled_dataset
 
@@ -166,6 +167,7 @@ class CPUBudget(BudgetMixin):
     save_every = 5
     crop_scale = 0.6
     pairs_per_batch = 4
+    progress_plot_every = 10  # see nnunet_ssl.nnunet.progress
 
 
 class SmokeBudget(BudgetMixin):
@@ -176,7 +178,8 @@ class SmokeBudget(BudgetMixin):
     save_every = 1
 
 
-class ContrastivePretrainTrainer(CrashSafeCheckpointsMixin, CPUFastPathMixin, nnUNetTrainer):
+class ContrastivePretrainTrainer(CrashSafeCheckpointsMixin, CPUFastPathMixin, ThrottledProgressPlotMixin,
+                                 nnUNetTrainer):
     """Engine for two-view contrastive pretraining; subclasses implement build_heads and compute_loss."""
 
     # ---- budget (nnU-Net attributes; GPU-scale defaults) ----
