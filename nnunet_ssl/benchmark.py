@@ -72,7 +72,8 @@ BUDGETS = {
                     "nnUNetTrainerFinetune_smoke_long", max_test=10, num_val=2),
 }
 
-CSV_FIELDS = ["method", "labeled", "seed", "precision", "budget", "dataset", "pretrain_trainer", "finetune_trainer",
+CSV_FIELDS = ["method", "variant", "labeled", "seed", "precision", "budget", "dataset", "pretrain_trainer",
+              "finetune_trainer",
               "pretrain_iterations", "finetune_iterations", "total_iterations", "num_test", "mean_dice",
               "pretrain_s", "finetune_s", "predict_s"]
 
@@ -94,19 +95,46 @@ def iterations(trainer: str) -> int:
     return int(cls.num_epochs) * int(cls.num_iterations_per_epoch)
 
 
-def check_budget(budget: Budget, methods: Sequence[str]) -> Dict[str, int]:
+def pretrain_trainer_of(method: str, budget: Budget, overrides: Optional[Dict[str, str]] = None) -> str:
+    """The method's pretraining trainer: an override (``--pretrain-trainer M=T``) or its base name + budget suffix."""
+    if not METHODS[method]:
+        return ""
+    return (overrides or {}).get(method) or METHODS[method] + budget.pretrain_suffix
+
+
+def check_budget(budget: Budget, methods: Sequence[str], finetune_trainer: Optional[str] = None,
+                 pretrain_trainers: Optional[Dict[str, str]] = None) -> Dict[str, int]:
     """Iterations of every trainer of the run; scratch_long must equal pretraining + fine-tuning."""
-    ft = iterations(budget.finetune_trainer)
-    pre = {m: iterations(METHODS[m] + budget.pretrain_suffix) for m in methods if METHODS[m]}
+    ft = iterations(finetune_trainer or budget.finetune_trainer)
+    pre = {m: iterations(pretrain_trainer_of(m, budget, pretrain_trainers)) for m in methods if METHODS[m]}
     its = {"finetune": ft, **{f"pretrain_{m}": n for m, n in pre.items()}}
     if "scratch_long" in methods:
         long = iterations(budget.finetune_long_trainer)
         want = sorted({ft + n for n in pre.values()} or {long})
         if want != [long]:
             raise SystemExit(f"budget {budget.name!r}: {budget.finetune_long_trainer} runs {long} iterations but "
-                             f"pretraining + fine-tuning run {want}; give scratch_long a matching trainer")
+                             f"pretraining + fine-tuning run {want}; give scratch_long a matching trainer (or leave "
+                             f"scratch_long out of --methods when trainers are overridden)")
         its["finetune_long"] = long
     return its
+
+
+def cell_variant(method: str, finetune_trainer: Optional[str], pretrain_trainers: Dict[str, str]) -> str:
+    """'' for the budget's own trainers, else the overriding trainer names (part of the cell's name)."""
+    parts = []
+    if METHODS[method] and method in pretrain_trainers:
+        parts.append(pretrain_trainers[method])
+    if finetune_trainer and method != "scratch_long":
+        parts.append(finetune_trainer)
+    return "+".join(parts)
+
+
+def display_name(row: dict) -> str:
+    return f"{row['method']} [{row['variant']}]" if row.get("variant") else row["method"]
+
+
+def _order(row: dict) -> Tuple:
+    return (row["budget"], row["precision"], list(METHODS).index(row["method"]), row.get("variant", ""))
 
 
 # ---------------------------------------------------------------------------------------------- data
@@ -236,6 +264,8 @@ class Settings:
     test_fraction: float = 0.25
     split_seed: int = 0
     num_processes: int = 2
+    finetune_trainer: Optional[str] = None              # instead of the budget's (investigations)
+    pretrain_trainers: Tuple[Tuple[str, str], ...] = ()  # (method, trainer) instead of the budget's
 
 
 def run_benchmark(s: Settings) -> List[dict]:
@@ -246,7 +276,15 @@ def run_benchmark(s: Settings) -> List[dict]:
         raise SystemExit(f"unknown method(s) {', '.join(unknown)}; choose from {', '.join(METHODS)}")
     if s.precision not in PRECISIONS:
         raise SystemExit(f"--precision must be one of {', '.join(PRECISIONS)}")
-    its = check_budget(budget, s.methods)
+    overrides = dict(s.pretrain_trainers)
+    for m, t in overrides.items():
+        if m not in METHODS or not METHODS[m]:
+            raise SystemExit(f"--pretrain-trainer {m}={t}: {m!r} is not a pretraining method; choose from "
+                             f"{', '.join(k for k, v in METHODS.items() if v)}")
+        trainer_class(t)
+    if s.finetune_trainer:
+        trainer_class(s.finetune_trainer)
+    its = check_budget(budget, s.methods, s.finetune_trainer, overrides)
     work = Path(s.work_dir).resolve()
     work.mkdir(parents=True, exist_ok=True)
     src = find_raw_dataset(s.dataset)
@@ -288,8 +326,10 @@ def run_benchmark(s: Settings) -> List[dict]:
     cell_dir.mkdir(exist_ok=True)
     rows = []
     for i, (seed, k, method) in enumerate(cells, 1):
-        cell_file = cell_dir / f"{tag}__{method}__k{k}__s{seed}.json"
-        label = f"[{i}/{len(cells)}] {method} k={k} seed={seed}"
+        variant = cell_variant(method, s.finetune_trainer, overrides)
+        name = f"{method}@{variant}" if variant else method  # folders, logs and cell files of this cell
+        cell_file = cell_dir / f"{tag}__{name}__k{k}__s{seed}.json"
+        label = f"[{i}/{len(cells)}] {name} k={k} seed={seed}"
         if cell_file.exists():
             rows.append(json.loads(cell_file.read_text()))
             _log(f"{label}: done before (mean Dice {rows[-1]['mean_dice']:.4f})")
@@ -297,7 +337,7 @@ def run_benchmark(s: Settings) -> List[dict]:
         times = {"pretrain_s": 0.0, "finetune_s": 0.0, "predict_s": 0.0}
         weights, pre_trainer = None, ""
         if METHODS[method]:
-            pre_trainer = METHODS[method] + budget.pretrain_suffix
+            pre_trainer = pretrain_trainer_of(method, budget, overrides)
             pre_results = work / "results" / tag / "pretrain"
             pre_out = pre_results / ds_name / f"{pre_trainer}__{budget.plans}__{s.configuration}" / "fold_0"
             weights = pre_out / "checkpoint_final.pth"
@@ -309,30 +349,31 @@ def run_benchmark(s: Settings) -> List[dict]:
                                       s.device, output_folder=pre_out)
                 _atomic_json(times_file, {"pretrain_s": round(took, 1)})
             times["pretrain_s"] = json.loads(times_file.read_text())["pretrain_s"] if times_file.exists() else 0.0
-        ft_trainer = budget.finetune_long_trainer if method == "scratch_long" else budget.finetune_trainer
+        ft_trainer = budget.finetune_long_trainer if method == "scratch_long" else \
+            s.finetune_trainer or budget.finetune_trainer
         fold = fold_of(work, seed, k)
-        results = work / "results" / tag / method
+        results = work / "results" / tag / name
         ft_out = results / ds_name / f"{ft_trainer}__{budget.plans}__{s.configuration}" / f"fold_{fold}"
         ft_time_file = ft_out / "finetune_time.json"
         if not (ft_out / "checkpoint_final.pth").exists():
             _log(f"{label}: fine-tuning {ft_trainer} on {k} labelled cases"
                  + (f" from {pre_trainer}" if weights else " from scratch"))
             took = pipeline.train(dataset_id, s.configuration, fold, ft_trainer, budget.plans, env(results),
-                                  work / "logs" / tag / f"ft_{method}_k{k}_s{seed}.log", f"{method} k={k} s={seed}",
+                                  work / "logs" / tag / f"ft_{name}_k{k}_s{seed}.log", f"{name} k={k} s={seed}",
                                   s.device, weights, output_folder=ft_out)
             _atomic_json(ft_time_file, {"finetune_s": round(took, 1)})
         # wall time of the (last) fine-tuning invocation; 0 where a run from before this record was reused
         times["finetune_s"] = json.loads(ft_time_file.read_text())["finetune_s"] if ft_time_file.exists() else 0.0
-        pred = work / "predictions" / tag / f"{method}_k{k}_s{seed}"
+        pred = work / "predictions" / tag / f"{name}_k{k}_s{seed}"
         shutil.rmtree(pred, ignore_errors=True)  # a prediction is cheap: never trust a partial folder
         _log(f"{label}: predicting {len(test)} test cases")
         times["predict_s"] = round(pipeline.predict(
             work / "test" / "images", pred, int(dataset_id), s.configuration, fold, ft_trainer, budget.plans,
-            env(results), work / "logs" / tag / f"predict_{method}_k{k}_s{seed}.log", f"predict {method}",
+            env(results), work / "logs" / tag / f"predict_{name}_k{k}_s{seed}.log", f"predict {name}",
             s.device), 1)
         scores = pipeline.evaluate(work / "test" / "labels", pred, raw / ds_name / "dataset.json",
                                    pre_ds / f"{budget.plans}.json", s.num_processes)
-        row = {"method": method, "labeled": k, "seed": seed, "precision": precision, "budget": budget.name,
+        row = {"method": method, "variant": variant, "labeled": k, "seed": seed, "precision": precision, "budget": budget.name,
                "dataset": ds_name, "pretrain_trainer": pre_trainer, "finetune_trainer": ft_trainer,
                "pretrain_iterations": iterations(pre_trainer) if pre_trainer else 0,
                "finetune_iterations": iterations(ft_trainer),
@@ -363,8 +404,7 @@ def write_reports(work: Path, dataset_json: dict, s: Settings) -> None:
     with open(work / "results.csv", "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=fields, extrasaction="ignore")
         w.writeheader()
-        for r in sorted(rows, key=lambda r: (r["budget"], r["precision"], list(METHODS).index(r["method"]),
-                                             r["labeled"], r["seed"])):
+        for r in sorted(rows, key=lambda r: (*_order(r), r["labeled"], r["seed"])):
             w.writerow(r)
     names = {str(v): k for k, v in dataset_json["labels"].items() if isinstance(v, int)}
     (work / "results.md").write_text(markdown_table(rows, class_cols, names, s))
@@ -372,10 +412,11 @@ def write_reports(work: Path, dataset_json: dict, s: Settings) -> None:
 
 
 def _groups(rows: List[dict]) -> Dict[Tuple[str, str, str], Dict[int, List[dict]]]:
+    """(budget, precision, method [variant]) -> k -> rows, in METHODS order."""
     out: Dict[Tuple[str, str, str], Dict[int, List[dict]]] = {}
-    for r in rows:
-        out.setdefault((r["budget"], r["precision"], r["method"]), {}).setdefault(r["labeled"], []).append(r)
-    return dict(sorted(out.items(), key=lambda kv: (kv[0][0], kv[0][1], list(METHODS).index(kv[0][2]))))
+    for r in sorted(rows, key=_order):
+        out.setdefault((r["budget"], r["precision"], display_name(r)), {}).setdefault(r["labeled"], []).append(r)
+    return out
 
 
 def _mean_sd(values: List[float]) -> str:
@@ -442,6 +483,13 @@ def plot(rows: List[dict], path: Path, title: str) -> None:
     plt.close(fig)
 
 
+def _method_trainer(arg: str) -> Tuple[str, str]:
+    method, sep, trainer = arg.partition("=")
+    if not sep or not method or not trainer:
+        raise SystemExit(f"--pretrain-trainer {arg!r}: expected METHOD=TRAINER, e.g. spade=SpadePretrainTrainer_cpu")
+    return method, trainer
+
+
 def main_benchmark(args) -> int:
     budget = "quick" if args.quick else args.budget
     methods = tuple(args.methods) if args.methods else tuple(METHODS)
@@ -450,7 +498,8 @@ def main_benchmark(args) -> int:
     s = Settings(dataset=str(args.d), work_dir=args.work_dir, methods=methods, labeled=labeled, seeds=seeds,
                  budget=budget, precision=args.precision, device=args.device, configuration=args.c,
                  test_raw=args.test_raw, test_fraction=args.test_fraction, split_seed=args.split_seed,
-                 num_processes=args.np)
+                 num_processes=args.np, finetune_trainer=args.finetune_trainer,
+                 pretrain_trainers=tuple(_method_trainer(a) for a in args.pretrain_trainer or ()))
     work = Path(s.work_dir)
     work.mkdir(parents=True, exist_ok=True)
     (work / "settings.json").write_text(json.dumps({**asdict(s), "argv": sys.argv}, indent=1))

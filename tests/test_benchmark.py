@@ -94,6 +94,36 @@ def test_reports_mean_and_sd_over_seeds(tmp_path):
     assert (tmp_path / "results.png").stat().st_size > 1000
 
 
+def test_trainer_overrides_name_their_cells_and_report_apart(tmp_path):
+    over = {"spade": "SpadePretrainTrainer_cpu_t03"}
+    assert bm.cell_variant("scratch", None, over) == ""  # scratch cells are shared with the default run
+    assert bm.cell_variant("spade", None, over) == "SpadePretrainTrainer_cpu_t03"
+    assert bm.cell_variant("spade", "nnUNetTrainerFinetune_cpu_80ep_lr3e3", over) == \
+        "SpadePretrainTrainer_cpu_t03+nnUNetTrainerFinetune_cpu_80ep_lr3e3"
+    assert bm.cell_variant("scratch_long", "nnUNetTrainerFinetune_cpu_80ep_lr3e3", {}) == ""
+    budget = bm.BUDGETS["cpu"]
+    its = bm.check_budget(budget, ["scratch", "spade"], None, {"spade": "SpadePretrainTrainer_cpu_80ep"})
+    assert its == {"finetune": 2000, "pretrain_spade": 2000}
+    with pytest.raises(SystemExit, match="scratch_long"):  # 2000 + 2000 != 3000
+        bm.check_budget(budget, ["scratch_long", "spade"], None, {"spade": "SpadePretrainTrainer_cpu_80ep"})
+    with pytest.raises(SystemExit, match="METHOD=TRAINER"):
+        bm._method_trainer("SpadePretrainTrainer_cpu_t03")
+
+    (tmp_path / "cells").mkdir()
+    for i, (variant, d) in enumerate((("", 0.5), ("SpadePretrainTrainer_cpu_t03", 0.9))):
+        row = {"method": "spade", "variant": variant, "labeled": 5, "seed": 0, "precision": "bf16", "budget": "cpu",
+               "dataset": "DatasetX", "pretrain_trainer": variant or "SpadePretrainTrainer_cpu",
+               "finetune_trainer": "F", "pretrain_iterations": 10, "finetune_iterations": 20,
+               "total_iterations": 30, "num_test": 4, "mean_dice": d, "dice_1": d, "pretrain_s": 1.0,
+               "finetune_s": 2.0, "predict_s": 3.0}
+        (tmp_path / "cells" / f"{i}.json").write_text(json.dumps(row))
+    bm.write_reports(tmp_path, {"labels": {"background": 0, "a": 1}},
+                     bm.Settings("990", str(tmp_path), ("spade",), (5,), (0,), "cpu"))
+    md = (tmp_path / "results.md").read_text()
+    assert "| cpu | bf16 | spade | 10 + 20 | 0.500 (n=1) |" in md
+    assert "| cpu | bf16 | spade [SpadePretrainTrainer_cpu_t03] | 10 + 20 | 0.900 (n=1) |" in md
+
+
 def test_unknown_method_and_dataset_fail_clearly(tmp_path):
     env = clean_env(tmp_path)
     (tmp_path / "raw").mkdir()

@@ -7,6 +7,10 @@ from nnunet_ssl.trainers.finetune import (nnUNetTrainerFinetune, nnUNetTrainerFi
                                           nnUNetTrainerFinetune_cpu_80ep, nnUNetTrainerFinetune_cpu_120ep,
                                           nnUNetTrainerFinetune_long, nnUNetTrainerFinetune_smoke,
                                           nnUNetTrainerFinetune_smoke_long)
+from nnunet_ssl.trainers.investigation import (SpadePretrainTrainer_cpu_80ep, SpadePretrainTrainer_cpu_narrow,
+                                               SpadePretrainTrainer_cpu_t03, SpadePretrainTrainer_cpu_wide,
+                                               nnUNetTrainerFinetune_cpu_80ep_lr3e3,
+                                               nnUNetTrainerFinetune_cpu_80ep_warmup20)
 from nnunet_ssl.trainers.pdcr import PDCRTrainer, PDCRTrainer_smoke, PDCRUAFSTrainer, PDCRUAFSTrainer_smoke
 from nnunet_ssl.trainers.pcl import PCLPretrainTrainer, PCLPretrainTrainer_cpu, PCLPretrainTrainer_smoke
 from nnunet_ssl.trainers.simclr import SimCLRPretrainTrainer, SimCLRPretrainTrainer_cpu, SimCLRPretrainTrainer_smoke
@@ -19,11 +23,14 @@ PRETRAINING_TRAINERS = {c.__name__: c for c in (
     SpadeSoftPretrainTrainer, SpadeSoftPretrainTrainer_cpu, SpadeSoftPretrainTrainer_smoke,
     PCLPretrainTrainer, PCLPretrainTrainer_cpu, PCLPretrainTrainer_smoke,
     DrasCLRPretrainTrainer, DrasCLRPretrainTrainer_cpu, DrasCLRPretrainTrainer_smoke,
-    SimCLRPretrainTrainer, SimCLRPretrainTrainer_cpu, SimCLRPretrainTrainer_smoke)}
+    SimCLRPretrainTrainer, SimCLRPretrainTrainer_cpu, SimCLRPretrainTrainer_smoke,
+    SpadePretrainTrainer_cpu_80ep, SpadePretrainTrainer_cpu_wide, SpadePretrainTrainer_cpu_narrow,
+    SpadePretrainTrainer_cpu_t03)}
 
 SEGMENTATION_TRAINERS = {c.__name__: c for c in (
     nnUNetTrainerFinetune, nnUNetTrainerFinetune_cpu, nnUNetTrainerFinetune_cpu_80ep, nnUNetTrainerFinetune_smoke,
     nnUNetTrainerFinetune_long, nnUNetTrainerFinetune_cpu_120ep, nnUNetTrainerFinetune_smoke_long,
+    nnUNetTrainerFinetune_cpu_80ep_lr3e3, nnUNetTrainerFinetune_cpu_80ep_warmup20,
     PDCRTrainer, PDCRTrainer_smoke, PDCRUAFSTrainer, PDCRUAFSTrainer_smoke)}
 
 __all__ = list(PRETRAINING_TRAINERS) + list(SEGMENTATION_TRAINERS) + ["PRETRAINING_TRAINERS",

@@ -1,0 +1,41 @@
+"""CPU-scale variants for tuning the benchmark's recipe on pool validation cases (BENCHMARKS.md, "Investigation").
+
+Each differs from the CPU benchmark's trainer in one setting, so a run of ``nnunet-ssl benchmark
+--pretrain-trainer spade=... / --finetune-trainer ...`` on the pool alone isolates that setting."""
+from nnunet_ssl.trainers.finetune import nnUNetTrainerFinetune_cpu_80ep
+from nnunet_ssl.trainers.spade import SpadePretrainTrainer_cpu
+
+
+# ---- fine-tuning: learning rate and warm-up
+class nnUNetTrainerFinetune_cpu_80ep_lr3e3(nnUNetTrainerFinetune_cpu_80ep):
+    """Initial learning rate 3e-3 instead of nnU-Net's 1e-2: moves pretrained weights less."""
+    initial_lr = 3e-3
+
+
+class nnUNetTrainerFinetune_cpu_80ep_warmup20(nnUNetTrainerFinetune_cpu_80ep):
+    """20 warm-up epochs (500 iterations, a quarter of the run) instead of 5."""
+    warmup_epochs = 20
+
+
+# ---- Spade pretraining: length, selection radii, temperature
+class SpadePretrainTrainer_cpu_80ep(SpadePretrainTrainer_cpu):
+    """Twice the pretraining: 80 x 25 iterations."""
+    num_epochs = 80
+
+
+class SpadePretrainTrainer_cpu_wide(SpadePretrainTrainer_cpu):
+    """Wider radii: positives within 0.2, negatives beyond 0.4 (canonical units; default 0.1 / 0.3)."""
+    r_pos = 0.2
+    r_neg = 0.4
+
+
+class SpadePretrainTrainer_cpu_narrow(SpadePretrainTrainer_cpu):
+    """Narrower radii: positives within 0.05, negatives beyond 0.2."""
+    r_pos = 0.05
+    r_neg = 0.2
+
+
+class SpadePretrainTrainer_cpu_t03(SpadePretrainTrainer_cpu):
+    """Temperature 0.3 for both branches (default 0.1)."""
+    temperature_global = 0.3
+    temperature_local = 0.3
