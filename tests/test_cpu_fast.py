@@ -261,3 +261,15 @@ def test_checkpoints_of_fast_path_are_contiguous(nnunet_dirs, cls, batch):
     fresh.network.load_state_dict(ckpt["network_weights"])
     for k, v in fresh.network.state_dict().items():
         assert torch.equal(v, ckpt["network_weights"][k])
+
+
+def test_a_step_with_non_finite_gradients_is_skipped_not_taken():
+    from nnunet_ssl.nnunet.cpu_fast import clip_and_step_if_finite
+    w = torch.nn.Parameter(torch.tensor([1.0, 2.0]))
+    opt = torch.optim.SGD([w], lr=0.5)
+    w.grad = torch.tensor([float("nan"), 1.0])
+    assert not clip_and_step_if_finite(opt, [w], 12.0)
+    assert torch.equal(w.detach(), torch.tensor([1.0, 2.0])) and w.grad is None
+    w.grad = torch.tensor([30.0, 40.0])  # norm 50, clipped to 10
+    assert clip_and_step_if_finite(opt, [w], 10.0)
+    assert torch.allclose(w.detach(), torch.tensor([1.0 - 0.5 * 6.0, 2.0 - 0.5 * 8.0]))

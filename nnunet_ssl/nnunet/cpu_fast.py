@@ -108,6 +108,18 @@ def _outputs_to_float(output):
     return output.float()
 
 
+def clip_and_step_if_finite(optimizer: torch.optim.Optimizer, params, max_norm: float) -> bool:
+    """Clip the gradients and step, unless their norm is not finite; then skip the step (GradScaler's rule for
+    fp16, which bf16 training has no scaler for). Rare bf16 steps of small networks give non-finite gradients
+    while the loss is finite; one such step would otherwise turn every weight into NaN. True if stepped."""
+    total = torch.nn.utils.clip_grad_norm_(params, max_norm)
+    if not torch.isfinite(total):
+        optimizer.zero_grad(set_to_none=True)
+        return False
+    optimizer.step()
+    return True
+
+
 class Float32Loss(nn.Module):
     """Computes ``loss`` on float32 copies of the network outputs with autocast off: nnU-Net's Dice+CE (and its
     deep-supervision wrapper) would otherwise run on bf16 logits, whose 8-bit mantissa makes soft Dice coarse."""
@@ -193,8 +205,10 @@ class CPUFastPathMixin:
             output = self.network(data)
             loss = self.loss(output, target)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(self.network.parameters(), 12)
-        self.optimizer.step()
+        if not clip_and_step_if_finite(self.optimizer, self.network.parameters(), 12):
+            self.skipped_nonfinite_steps = getattr(self, "skipped_nonfinite_steps", 0) + 1
+            self.print_to_log_file(f"skipped a step with non-finite gradients ({self.skipped_nonfinite_steps} "
+                                   f"so far; loss {loss.item():.4f})")
         return {"loss": loss.detach().cpu().numpy()}
 
     def validation_step(self, batch: dict) -> dict:
