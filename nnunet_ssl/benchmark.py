@@ -73,8 +73,7 @@ BUDGETS = {
 }
 
 CSV_FIELDS = ["method", "variant", "labeled", "seed", "precision", "budget", "dataset", "pretrain_trainer",
-              "finetune_trainer",
-              "pretrain_iterations", "finetune_iterations", "total_iterations", "num_test", "mean_dice",
+              "finetune_trainer", "pretrain_iterations", "finetune_iterations", "total_iterations", "num_test", "mean_dice",
               "pretrain_s", "finetune_s", "predict_s"]
 
 
@@ -189,8 +188,10 @@ def prepare_data(work: Path, src: Path, test_raw: Optional[Path], split_seed: in
                              f"--test-fraction, --test-raw or budget); use a new --work-dir")
     raw_ds = work / "nnUNet_raw" / src.name
     if not (raw_ds / "dataset.json").exists() or not split_file.exists():
-        pipeline.link_cases(pool, src / "imagesTr", src / "labelsTr", raw_ds / "imagesTr", raw_ds / "labelsTr", fe, n_ch)
-        pipeline.link_cases(test, test_images, test_labels, work / "test" / "images", work / "test" / "labels", fe, n_ch)
+        pipeline.link_cases(pool, src / "imagesTr", src / "labelsTr", raw_ds / "imagesTr", raw_ds / "labelsTr", fe,
+                            n_ch)
+        pipeline.link_cases(test, test_images, test_labels, work / "test" / "images", work / "test" / "labels", fe,
+                            n_ch)
         (raw_ds / "dataset.json").write_text(json.dumps({**dataset_json, "numTraining": len(pool)}, indent=1))
         split_file.write_text(json.dumps(split, indent=1))
     return {**split, "raw_dataset": raw_ds, "dataset_json": dataset_json}
