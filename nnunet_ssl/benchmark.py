@@ -73,8 +73,8 @@ BUDGETS = {
 }
 
 CSV_FIELDS = ["method", "variant", "labeled", "seed", "precision", "budget", "dataset", "pretrain_trainer",
-              "finetune_trainer", "pretrain_iterations", "finetune_iterations", "total_iterations", "num_test", "mean_dice",
-              "pretrain_s", "finetune_s", "predict_s"]
+              "finetune_trainer", "pretrain_iterations", "finetune_iterations", "total_iterations", "num_test",
+              "mean_dice", "pretrain_s", "finetune_s", "predict_s"]
 
 
 def _log(msg: str) -> None:
@@ -374,7 +374,8 @@ def run_benchmark(s: Settings) -> List[dict]:
             s.device), 1)
         scores = pipeline.evaluate(work / "test" / "labels", pred, raw / ds_name / "dataset.json",
                                    pre_ds / f"{budget.plans}.json", s.num_processes)
-        row = {"method": method, "variant": variant, "labeled": k, "seed": seed, "precision": precision, "budget": budget.name,
+        row = {"method": method, "variant": variant, "labeled": k, "seed": seed, "precision": precision,
+               "budget": budget.name,
                "dataset": ds_name, "pretrain_trainer": pre_trainer, "finetune_trainer": ft_trainer,
                "pretrain_iterations": iterations(pre_trainer) if pre_trainer else 0,
                "finetune_iterations": iterations(ft_trainer),

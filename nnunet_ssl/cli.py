@@ -216,7 +216,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="fine-tune with this trainer instead of the budget's (investigations; cells are named after "
                         "it, so they sit next to the default cells in the same work dir)")
     s.add_argument("--pretrain-trainer", nargs="+", default=None, metavar="METHOD=TRAINER",
-                   help="pretrain METHOD with TRAINER instead of the budget's (e.g. spade=SpadePretrainTrainer_cpu_t02)")
+                   help="pretrain METHOD with TRAINER instead of the budget's (e.g. spade=SpadePretrainTrainer_cpu_t03)")
     s.add_argument("-c", default="3d_fullres")
     s.add_argument("-np", type=int, default=2, help="processes for preprocessing and evaluation")
     s.add_argument("--device", default="cpu", choices=["cpu", "cuda", "mps"])
