@@ -32,10 +32,12 @@ class nnUNetPlannerSmall(PluginPlanner):
         plan = super().get_plans_for_configuration(spacing, median_shape, data_identifier,
                                                    approximate_n_voxels_dataset, _cache)
         kw = plan["architecture"]["arch_kwargs"]
-        kw["features_per_stage"] = [min(self.max_num_features, self.base_num_features * 2 ** i)
-                                    for i in range(kw["n_stages"])]
+        kw["features_per_stage"] = self.features_per_stage(kw["n_stages"])
         plan["batch_size"] = self.batch_size
         return plan
+
+    def features_per_stage(self, n_stages: int) -> list:
+        return [min(self.max_num_features, self.base_num_features * 2 ** i) for i in range(n_stages)]
 
 
 class nnUNetPlannerCPU(nnUNetPlannerSmall):
@@ -73,7 +75,7 @@ class nnUNetPlannerCPU(nnUNetPlannerSmall):
             "n_stages": n,
             "kernel_sizes": kernels,
             "strides": strides,
-            "features_per_stage": [min(self.max_num_features, self.base_num_features * 2 ** i) for i in range(n)],
+            "features_per_stage": self.features_per_stage(n),
             "n_conv_per_stage": list(self.UNet_blocks_per_stage_encoder[:n]),
             "n_conv_per_stage_decoder": list(self.UNet_blocks_per_stage_decoder[:n - 1]),
         })
