@@ -74,7 +74,8 @@ def test_location_head_matches_loop_and_depends_on_location():
     head = LocationConditionedHead(5, hidden_dim=7, out_dim=4, num_experts=4)
     x = torch.randn(3, 5, 2, 2, 2)
     loc = torch.rand(3, 3)
-    h = head.trunk(x.mean(dim=(2, 3, 4)))
+    h = torch.stack([head.trunk(x[b].flatten(1).T).mean(0) for b in range(3)])  # per voxel, then mean
+    h = (h - h.mean(0)) / torch.sqrt(h.var(0, unbiased=False) + head.norm.eps)  # BatchNorm, training mode
     gate = torch.softmax(head.gate(loc), dim=1)
     ref = []
     for b in range(3):

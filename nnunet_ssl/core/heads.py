@@ -8,21 +8,41 @@ import torch.nn.functional as F
 from torch import Tensor
 
 
-class GlobalProjectionHead(nn.Module):
-    """Global average pool -> Linear -> ReLU -> Linear -> L2 normalise."""
+def _pooled_hidden(trunk: nn.Module, feature_map: Tensor) -> Tensor:
+    """Linear -> ReLU applied to every voxel's feature vector, then averaged over the voxels.
 
-    def __init__(self, in_channels: int, hidden_dim: int = 512, out_dim: int = 128):
+    Pooling first would make crop embeddings nearly identical in nnU-Net networks: every stage
+    ends in InstanceNorm, which fixes each channel's mean (and spread) per crop, so the channel
+    means that average pooling returns carry almost no information about the crop (measured on
+    Hippocampus bottlenecks: cosine 0.998 between the pooled vectors of different cases) and a
+    contrastive loss on them stays at its uniform value. A per-voxel projection followed by a
+    non-linearity depends on how the channels co-vary inside the crop, which InstanceNorm keeps.
+    The parameters are those of the pool-first head (same shapes, same state-dict keys)."""
+    voxels = feature_map.flatten(2).transpose(1, 2)  # (B, S, C)
+    return trunk(voxels).mean(dim=1)
+
+
+class GlobalProjectionHead(nn.Module):
+    """Linear -> ReLU per voxel, average over voxels, -> BatchNorm -> Linear -> L2 normalise.
+
+    The BatchNorm over the crops of the batch (SimCLR's projection head has one as well) removes the
+    component that all crop embeddings share, so the loss sees their differences from the first step: without
+    it, every embedding of a freshly initialised nnU-Net starts within cosine 0.99 of the others and the
+    contrastive gradient is too small to pull them apart. Under DDP the engine turns it into SyncBatchNorm."""
+
+    def __init__(self, in_channels: int, hidden_dim: int = 512, out_dim: int = 128, batch_norm: bool = True):
         super().__init__()
         self.mlp = nn.Sequential(
             nn.Linear(in_channels, hidden_dim),
             nn.ReLU(inplace=True),
             nn.Linear(hidden_dim, out_dim),
         )
+        self.norm = nn.BatchNorm1d(hidden_dim) if batch_norm else nn.Identity()
 
     def forward(self, feature_map: Tensor) -> Tensor:
         # Works for any number of spatial dims.
-        pooled = feature_map.flatten(2).mean(dim=2)
-        return F.normalize(self.mlp(pooled), dim=1)
+        hidden = self.norm(_pooled_hidden(self.mlp[:2], feature_map))
+        return F.normalize(self.mlp[2](hidden), dim=1)
 
 
 class DenseProjectionHead(nn.Module):
@@ -62,8 +82,9 @@ class LocationConditionedHead(nn.Module):
     """Mixture-of-experts projection head whose mixing weights depend on a location.
 
     Conditions the projection on where a crop comes from (DrasCLR-style) while the encoder
-    stays unchanged: GAP -> Linear -> ReLU gives h; a small MLP maps the location to a softmax
-    gate over ``num_experts`` linear experts; the output is normalize(sum_e g_e (h W_e + b_e)).
+    stays unchanged: Linear -> ReLU per voxel, averaged over the voxels, gives h (see _pooled_hidden and
+    GlobalProjectionHead for why, and for the BatchNorm); a small MLP maps the location to a softmax
+    gate over ``num_experts`` linear experts; the output is normalize(sum_e g_e (BN(h) W_e + b_e)).
     """
 
     conditioned = True  # the training engine passes each crop's location as the second argument
@@ -75,12 +96,14 @@ class LocationConditionedHead(nn.Module):
         out_dim: int = 128,
         num_experts: int = 4,
         location_dim: int = 3,
+        batch_norm: bool = True,
     ):
         super().__init__()
         if num_experts < 1:
             raise ValueError(f"num_experts must be >= 1, got {num_experts}")
         self.location_dim = location_dim
         self.trunk = nn.Sequential(nn.Linear(in_channels, hidden_dim), nn.ReLU(inplace=True))
+        self.norm = nn.BatchNorm1d(hidden_dim) if batch_norm else nn.Identity()
         self.gate = nn.Sequential(
             nn.Linear(location_dim, 64), nn.ReLU(inplace=True), nn.Linear(64, num_experts)
         )
@@ -99,7 +122,7 @@ class LocationConditionedHead(nn.Module):
             raise ValueError(
                 f"expected location ({b}, {self.location_dim}), got {tuple(location.shape)}"
             )
-        h = self.trunk(feature_map.flatten(2).mean(dim=2))
+        h = self.norm(_pooled_hidden(self.trunk, feature_map))
         g = torch.softmax(self.gate(location.to(self.expert_weight.dtype)), dim=1)
         per_expert = torch.einsum("bh,eho->beo", h, self.expert_weight) + self.expert_bias
         return F.normalize(torch.einsum("be,beo->bo", g.to(per_expert.dtype), per_expert), dim=1)
