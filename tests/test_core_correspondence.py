@@ -3,7 +3,7 @@ import itertools
 import pytest
 import torch
 
-from nnunet_ssl.core.correspondence import downsample_coords, gather_at, sample_correspondences
+from nnunet_ssl.core.correspondence import argmin_last, downsample_coords, gather_at, sample_correspondences
 
 
 def _grid(shape, offset=(0.0, 0.0, 0.0)):
@@ -298,3 +298,14 @@ def test_small_overlap_still_filled_with_few_candidates():
     ia, ib = out["index_a"][0], out["index_b"][0]
     assert (ia // 100 >= 18).all()
     assert torch.equal(ib, ia - 1800)
+
+
+@pytest.mark.parametrize("n", [5, 128, 129, 200, 2304])
+def test_argmin_last_equals_argmin_first_occurrence(n):
+    g = torch.Generator().manual_seed(n)
+    x = torch.randint(0, 7, (3, 11, n), generator=g).float()  # many ties: the first occurrence must win
+    x[0, 0] = float("inf")  # a row without any finite value
+    x[1, 2, -1] = -5.0  # the minimum in the last (padded) block
+    torch.testing.assert_close(argmin_last(x), x.argmin(dim=-1), rtol=0, atol=0)
+    y = torch.randn(4, n, generator=g)
+    assert torch.equal(argmin_last(y), y.argmin(dim=-1))

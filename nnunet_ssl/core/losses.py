@@ -67,15 +67,16 @@ def info_nce(
 
         # Keep only anchors with a positive: every kept row has a finite entry in
         # its denominator, so logsumexp (and its gradient) never sees an all -inf row.
-        a_k = a[has_pos]
-        pos_k = pos[has_pos]
-        den_k = pos_k | neg[has_pos]
+        if bool(has_pos.all()):  # the usual case: no copies
+            a_k, pos_k, neg_k, n_pos_k = a, pos, neg, n_pos
+        else:
+            a_k, pos_k, neg_k, n_pos_k = a[has_pos], pos[has_pos], neg[has_pos], n_pos[has_pos]
         logits = a_k @ c.t() / temperature
-        lse = torch.logsumexp(logits.masked_fill(~den_k, float("-inf")), dim=1)
-        log_prob = logits - lse[:, None]
-        per_anchor = -torch.where(pos_k, log_prob, torch.zeros_like(log_prob)).sum(1) / n_pos[
-            has_pos
-        ].float()
+        lse = torch.logsumexp(logits.masked_fill(~(pos_k | neg_k), float("-inf")), dim=1)
+        # sum over positives of (logit - lse), without materialising the log-probabilities
+        pos_sum = logits.masked_fill(~pos_k, 0.0).sum(1)
+        n_pos_f = n_pos_k.float()
+        per_anchor = -(pos_sum - n_pos_f * lse) / n_pos_f
         loss = per_anchor.mean() + zero
     return loss, stats
 
