@@ -63,6 +63,15 @@ def test_pretrain_finetune_predict_evaluate(workspace, planner, plans_name, fine
     assert ckpt["ssl_heads"] and not any(k.startswith("heads") for k in weights)
     assert ckpt["current_epoch"] == 2 and len(ckpt["logging"]["train_global"]) == 2
 
+    # the hand-off resets each conv block's output channels to He initialisation's scale (same function)
+    from nnunet_ssl.nnunet.weight_scale import HE_CHANNEL_NORM, scale_invariant_convs
+    convs = scale_invariant_convs(net)
+    assert convs
+    for w_keys, _ in convs:
+        norms = weights[w_keys[0]].flatten(1).norm(dim=1)
+        torch.testing.assert_close(norms, torch.full_like(norms, HE_CHANNEL_NORM))
+        assert all(torch.equal(weights[k], weights[w_keys[0]]) for k in w_keys)
+
     # stock loader: every key but the seg layers is transferred unchanged
     from nnunetv2.run.load_pretrained_weights import load_pretrained_weights
     load_pretrained_weights(net, str(ckpt_file))
@@ -109,6 +118,9 @@ def test_pretraining_resumes_after_a_crash(workspace):
     out = root / "results" / "Dataset991_E2E" / "SpadePretrainTrainer_crashtest__nnUNetPlansTiny__3d_fullres" / "fold_0"
     latest = torch.load(out / "checkpoint_latest.pth", map_location="cpu", weights_only=False)
     assert latest["current_epoch"] == 1 and not (out / "checkpoint_final.pth").exists()
+    # checkpoints that resume training keep the trained scales (the optimizer's momentum matches them)
+    w = latest["network_weights"]["encoder.stages.0.0.convs.0.conv.weight"]
+    assert not torch.allclose(w.flatten(1).norm(dim=1), torch.full((w.shape[0],), 2 ** 0.5), atol=1e-3)
     res = run(cmd + ["--c"], env)
     assert "Epoch 1" in res.stdout and "Epoch 2" in res.stdout and "Epoch 0\n" not in res.stdout
     final = torch.load(out / "checkpoint_final.pth", map_location="cpu", weights_only=False)

@@ -16,6 +16,7 @@ Method hyper-parameters and the training budget are class attributes, so variant
 from __future__ import annotations
 
 import copy
+import os
 from time import time
 from typing import Dict, List, Optional, Sequence, Tuple
 
@@ -48,6 +49,7 @@ from nnunet_ssl.nnunet.pair_loader import TwoViewDataLoader
 from nnunet_ssl.nnunet.progress import ThrottledProgressPlotMixin
 from nnunet_ssl.nnunet.transforms import split_training_transforms
 from nnunet_ssl.nnunet.unlabeled import CombinedDataset, load_unlabeled_dataset
+from nnunet_ssl.nnunet.weight_scale import reset_conv_scales, scale_invariant_convs
 
 # nnU-Net's budget and optimiser attributes that a pretraining class may redeclare as class attributes
 BUDGET_ATTRIBUTES = ("num_epochs", "num_iterations_per_epoch", "num_val_iterations_per_epoch", "initial_lr",
@@ -189,6 +191,8 @@ class ContrastivePretrainTrainer(CrashSafeCheckpointsMixin, CPUFastPathMixin, Th
     initial_lr: float = 1e-2
     weight_decay: float = 3e-5
     save_every: int = 25
+    # checkpoint_final.pth hands each conv block over with He initialisation's weight scale (see weight_scale)
+    reset_conv_scales_at_hand_off: bool = True
     # ---- sampling ----
     pairs_per_batch: Optional[int] = None  # cases per step (2 views each); None = the plans' batch size
     crop_overlap: Tuple[float, float] = (0.3, 0.9)  # min/max fraction of voxels the two crops share
@@ -510,9 +514,14 @@ class ContrastivePretrainTrainer(CrashSafeCheckpointsMixin, CPUFastPathMixin, Th
         # contiguous copies: the CPU fast path trains in channels-last layout, checkpoints keep the standard one
         cpu = lambda sd: {k: v.detach().cpu().clone(memory_format=torch.contiguous_format)  # noqa: E731
                           for k, v in sd.items()}
+        network_weights = cpu(unwrap(self.network).state_dict())
+        if os.path.basename(filename) == "checkpoint_final.pth" and self.reset_conv_scales_at_hand_off:
+            # the hand-off: conv scales reset to He initialisation's (same function; see weight_scale). Only the
+            # final checkpoint: latest/best ones resume training, whose momentum buffers match the old scales.
+            network_weights = reset_conv_scales(network_weights, scale_invariant_convs(unwrap(self.network)))
         checkpoint = {
             # the full U-Net (decoder and seg layers included): what stock -pretrained_weights requires
-            "network_weights": cpu(unwrap(self.network).state_dict()),
+            "network_weights": network_weights,
             "ssl_heads": cpu(self.heads.state_dict()),
             "ssl_method": {"trainer": self.__class__.__name__, **{k: repr(v) for k, v in
                                                                   self.method_hyperparameters().items()}},
