@@ -273,3 +273,33 @@ def test_a_step_with_non_finite_gradients_is_skipped_not_taken():
     w.grad = torch.tensor([30.0, 40.0])  # norm 50, clipped to 10
     assert clip_and_step_if_finite(opt, [w], 10.0)
     assert torch.allclose(w.detach(), torch.tensor([1.0 - 0.5 * 6.0, 2.0 - 0.5 * 8.0]))
+
+
+def test_skipped_steps_are_counted_per_epoch_and_too_many_fail():
+    from nnunet_ssl.nnunet.cpu_fast import CPUFastPathMixin
+
+    class Stub(CPUFastPathMixin):
+        current_epoch = 3
+
+        def __init__(self):
+            self.w = torch.nn.Parameter(torch.tensor([1.0]))
+            self.optimizer = torch.optim.SGD([self.w], lr=0.1)
+            self.log = []
+
+        def print_to_log_file(self, *args):
+            self.log.append(" ".join(str(a) for a in args))
+
+        def step(self, grad):
+            self.w.grad = torch.tensor([grad])
+            return self.step_if_finite([self.w], 12.0)
+
+    t = Stub()
+    assert [t.step(g) for g in (1.0, float("inf"), 1.0, 1.0)] == [True, False, True, True]
+    t.report_skipped_steps(4)
+    assert t.log == ["skipped 1 of 4 steps of epoch 3: non-finite gradients"]
+    t.report_skipped_steps(4)  # the count starts again each epoch
+    assert len(t.log) == 1
+    for g in (float("nan"), float("nan"), float("nan"), 1.0):
+        t.step(g)
+    with pytest.raises(FloatingPointError, match="3 of 4 steps of epoch 3 had non-finite gradients"):
+        t.report_skipped_steps(4)

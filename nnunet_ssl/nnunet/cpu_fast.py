@@ -187,6 +187,26 @@ class CPUFastPathMixin:
             for state in states:
                 state.update({k: to_channels_last(v) for k, v in state.items() if isinstance(v, torch.Tensor)})
 
+    # ---- steps with non-finite gradients: one count and one report for segmentation and pretraining trainers ----
+    def step_if_finite(self, params, max_norm: float) -> bool:
+        """clip_and_step_if_finite on this trainer's optimizer; skipped steps are counted for the epoch's report."""
+        if clip_and_step_if_finite(self.optimizer, params, max_norm):
+            return True
+        self.skipped_steps_epoch = getattr(self, "skipped_steps_epoch", 0) + 1
+        return False
+
+    def report_skipped_steps(self, num_steps: int) -> None:
+        """Log the epoch's skipped steps and reset the count; more than half of the steps is an error (such a run
+        no longer trains). Identical on every DDP rank: the ranks skip on the same all-reduced gradients."""
+        skipped, self.skipped_steps_epoch = getattr(self, "skipped_steps_epoch", 0), 0
+        if not skipped:
+            return
+        self.print_to_log_file(f"skipped {skipped} of {num_steps} steps of epoch {self.current_epoch}: "
+                               f"non-finite gradients")
+        if skipped > num_steps // 2:
+            raise FloatingPointError(f"{skipped} of {num_steps} steps of epoch {self.current_epoch} had non-finite "
+                                     f"gradients; lower initial_lr, or train in float32 (NNUNET_SSL_CPU_BF16=0)")
+
     # ---- nnU-Net segmentation trainers (nnUNetTrainer's own steps) ----
     def initialize(self):
         super().initialize()
@@ -205,11 +225,12 @@ class CPUFastPathMixin:
             output = self.network(data)
             loss = self.loss(output, target)
         loss.backward()
-        if not clip_and_step_if_finite(self.optimizer, self.network.parameters(), 12):
-            self.skipped_nonfinite_steps = getattr(self, "skipped_nonfinite_steps", 0) + 1
-            self.print_to_log_file(f"skipped a step with non-finite gradients ({self.skipped_nonfinite_steps} "
-                                   f"so far; loss {loss.item():.4f})")
+        self.step_if_finite(self.network.parameters(), 12)
         return {"loss": loss.detach().cpu().numpy()}
+
+    def on_train_epoch_end(self, train_outputs: list) -> None:
+        super().on_train_epoch_end(train_outputs)
+        self.report_skipped_steps(len(train_outputs))
 
     def validation_step(self, batch: dict) -> dict:
         if not self.cpu_fast_path:

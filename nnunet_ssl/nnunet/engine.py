@@ -44,7 +44,7 @@ from nnunet_ssl.core.heads import GlobalProjectionHead
 from nnunet_ssl.core.losses import info_nce
 from nnunet_ssl.core.objectives import momentum_update
 from nnunet_ssl.nnunet.checkpoint import CrashSafeCheckpointsMixin, atomic_torch_save, load_checkpoint_file
-from nnunet_ssl.nnunet.cpu_fast import CPUFastPathMixin, clip_and_step_if_finite, contiguous_tensors
+from nnunet_ssl.nnunet.cpu_fast import CPUFastPathMixin, contiguous_tensors
 from nnunet_ssl.nnunet.pair_loader import TwoViewDataLoader
 from nnunet_ssl.nnunet.progress import ThrottledProgressPlotMixin
 from nnunet_ssl.nnunet.transforms import split_training_transforms
@@ -432,8 +432,7 @@ class ContrastivePretrainTrainer(CrashSafeCheckpointsMixin, CPUFastPathMixin, Th
                 self.grad_scaler.update()
             else:
                 backward_loss.backward()
-                if not clip_and_step_if_finite(self.optimizer, params, self.grad_clip):
-                    self.skipped_steps_epoch += 1  # identical on every DDP rank (same averaged gradients)
+                self.step_if_finite(params, self.grad_clip)
             if self.key_model is not None:
                 momentum_update(unwrap(self.model), self.key_model, self.momentum)
         out = {"loss": loss.detach().cpu().numpy()}
@@ -467,13 +466,7 @@ class ContrastivePretrainTrainer(CrashSafeCheckpointsMixin, CPUFastPathMixin, Th
 
     def on_train_epoch_end(self, train_outputs: List[dict]):
         self._log_epoch(train_outputs, "train")
-        skipped = getattr(self, "skipped_steps_epoch", 0)
-        if skipped:
-            self.print_to_log_file(f"skipped {skipped} of {len(train_outputs)} steps: non-finite gradients")
-            if skipped > len(train_outputs) // 2:
-                raise FloatingPointError(f"{skipped} of {len(train_outputs)} steps of epoch {self.current_epoch} had "
-                                         f"non-finite gradients; lower initial_lr, or train in float32 "
-                                         f"(NNUNET_SSL_CPU_BF16=0)")
+        self.report_skipped_steps(len(train_outputs))  # CPUFastPathMixin (nnUNetTrainer's epoch end is not called)
 
     def on_validation_epoch_end(self, val_outputs: List[dict]):
         self._log_epoch(val_outputs, "val")
