@@ -7,7 +7,7 @@ from nnunet_ssl.nnunet.engine import CPUBudget, GlobalContrastTrainer, SmokeBudg
 
 
 class SimCLRPretrainTrainer(GlobalContrastTrainer):
-    """temperature 0.1; head GAP -> FC(512) -> ReLU -> FC(128), as Spade's global branch."""
+    """temperature 0.1; Spade's global head (FC(512) -> ReLU per voxel, mean, BatchNorm -> FC(128))."""
 
     def pair_selection(self, batch):
         return instance_masks(batch["sample_index"])

@@ -17,7 +17,7 @@ class SpadePretrainTrainer(ContrastivePretrainTrainer):
     Distances are Euclidean in the canonical frame (each case's original image extent mapped to [0,1]^3).
     Labels are never read. Defaults are meant for a GPU run on standard nnU-Net plans."""
 
-    # global branch: bottleneck -> GAP -> MLP -> unit embedding; positives: other view or centre within r_pos
+    # global branch: bottleneck -> GlobalProjectionHead -> unit embedding; positives: other view or centre within r_pos
     r_pos = 0.1          # canonical distance below which crops of any case are positives
     r_neg = 0.3          # canonical distance above which crops are negatives (band in between: excluded)
     temperature_global = 0.1

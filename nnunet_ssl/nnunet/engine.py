@@ -569,7 +569,7 @@ class ContrastivePretrainTrainer(CrashSafeCheckpointsMixin, CPUFastPathMixin, Th
 
 
 class GlobalContrastTrainer(ContrastivePretrainTrainer):
-    """Crop-level contrast only: bottleneck -> GAP -> MLP -> unit embedding, InfoNCE over the masks of
+    """Crop-level contrast only: bottleneck -> GlobalProjectionHead -> unit embedding, InfoNCE over the masks of
     ``pair_selection``. A method on it declares its selection rule (and may rescale the loss)."""
 
     temperature: float = 0.1
