@@ -102,7 +102,7 @@ def inspect_pairs(dataset: str, trainer: str, configuration: str = "3d_fullres",
 def _load_pretrained(checkpoint: str, device: torch.device):
     from nnunetv2.utilities.find_objects import recursive_find_trainer_class_by_name
     from nnunet_ssl.nnunet.checkpoint import load_checkpoint_file
-    from nnunet_ssl.nnunet.engine import ContrastiveModel
+    from nnunet_ssl.nnunet.engine import ContrastiveModel, load_head_state
 
     ckpt = load_checkpoint_file(checkpoint, "cpu")
     if "ssl_heads" not in ckpt:
@@ -117,7 +117,10 @@ def _load_pretrained(checkpoint: str, device: torch.device):
                                                tr.label_manager.num_segmentation_heads, False)
     tr.heads = tr.build_heads()
     tr.network.load_state_dict(ckpt["network_weights"])
-    tr.heads.load_state_dict(ckpt["ssl_heads"])
+    try:
+        load_head_state(tr.heads, ckpt["ssl_heads"])
+    except ValueError as e:
+        raise SystemExit(f"{checkpoint}: {e}")
     inputs = dict(tr.head_inputs)
     dense_heads = {k: v for k, v in inputs.items() if v == "decoder"}
     # methods without a dense head (global-only) are inspected on their decoder-stage features

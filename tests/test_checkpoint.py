@@ -127,3 +127,14 @@ def test_plugin_trainers_are_crash_safe():
     unsafe = [n for n, c in {**PRETRAINING_TRAINERS, **SEGMENTATION_TRAINERS}.items()
               if not issubclass(c, CrashSafeCheckpointsMixin)]
     assert not unsafe
+
+
+def test_heads_of_another_design_fail_in_one_line():
+    from nnunet_ssl.core.heads import GlobalProjectionHead
+    from nnunet_ssl.nnunet.engine import load_head_state
+    heads = torch.nn.ModuleDict({"global": GlobalProjectionHead(8, hidden_dim=16, out_dim=4)})
+    old = torch.nn.ModuleDict({"global": GlobalProjectionHead(8, hidden_dim=16, out_dim=4, batch_norm=False)})
+    with pytest.raises(ValueError, match=r"missing \['global.norm.bias'.*start the pretraining afresh") as e:
+        load_head_state(heads, old.state_dict())
+    assert "\n" not in str(e.value)
+    load_head_state(heads, {k: v + 1 if v.is_floating_point() else v for k, v in heads.state_dict().items()})

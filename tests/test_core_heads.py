@@ -84,3 +84,4 @@ def test_dense_head_rejects_bad_dim():
     head = DenseProjectionHead(4, dim=2)
     with pytest.raises(ValueError):
         head(torch.randn(1, 4, 2, 2, 2))
+

@@ -125,6 +125,18 @@ def encoder_strides(network: nn.Module) -> np.ndarray:
     return np.cumprod(np.stack(strides), axis=0)
 
 
+def load_head_state(heads: nn.Module, state: Dict[str, torch.Tensor]) -> None:
+    """heads.load_state_dict, failing in one line when the checkpoint's heads are of another design (e.g. global
+    heads written before they had a BatchNorm): the network weights of such a checkpoint still hand off."""
+    own, theirs = set(heads.state_dict()), set(state)
+    if own != theirs:
+        missing, unexpected = sorted(own - theirs), sorted(theirs - own)
+        raise ValueError(f"the checkpoint's projection heads do not match this trainer's (missing {missing[:3]}, "
+                         f"unexpected {unexpected[:3]}): it was written by another version or trainer; start the "
+                         f"pretraining afresh (its network_weights still load with -pretrained_weights)")
+    heads.load_state_dict(state)
+
+
 class ContrastiveModel(nn.Module):
     """U-Net + projection heads in one module, so DDP/AMP see a single forward.
 
@@ -555,7 +567,7 @@ class ContrastivePretrainTrainer(CrashSafeCheckpointsMixin, CPUFastPathMixin, Th
             raise ValueError("checkpoint was not written by an nnunet_ssl pretraining trainer (no 'ssl_heads'); "
                              "use -pretrained_weights to start from other weights")
         unwrap(self.network).load_state_dict(ckpt["network_weights"])
-        self.heads.load_state_dict(ckpt["ssl_heads"])
+        load_head_state(self.heads, ckpt["ssl_heads"])
         self.load_extra_state(ckpt.get("ssl_extra_state", {}))
         self.optimizer.load_state_dict(ckpt["optimizer_state"])
         if self.grad_scaler is not None and ckpt.get("grad_scaler_state") is not None:
