@@ -54,9 +54,12 @@ class DrasCLRPretrainTrainer(ContrastivePretrainTrainer):
         return batch["canonical_center"].to(self.device)
 
     def _rows(self, batch):
+        # rows: view 0 of the B cases, view 1, then the neighbour crops (loader layout); B from the host-side keys,
+        # index tensors where the batch is: no device synchronisation
         v = batch["view_index"]
-        b = int((v == 0).sum())
-        return b, torch.arange(b), torch.arange(b, 2 * b), torch.arange(2 * b, len(v))
+        b = len(batch["keys"])
+        ar = lambda lo, hi: torch.arange(lo, hi, device=v.device)  # noqa: E731
+        return b, ar(0, b), ar(b, 2 * b), ar(2 * b, len(v))
 
     def pair_selection(self, batch):
         """Crop-level view of the rule for inspection: positives of a crop are its other view and its
@@ -78,7 +81,7 @@ class DrasCLRPretrainTrainer(ContrastivePretrainTrainer):
         q = outputs["global"]
         k = outputs["key_global"]
         loc = batch["canonical_center"].to(dev)
-        subj = subject_ids(batch["keys"]).to(dev)
+        subj = subject_ids(batch["keys"]).to(dev, non_blocking=True)
         neg_keys, neg_mask = self.queue.negatives(loc[anchor], subj)
         q_neigh = q[neigh].view(self.num_neighbors, b, -1).transpose(0, 1) if self.num_neighbors else None
         loss, stats = drasclr_loss(q[anchor], k[other], q_neigh, neg_keys, neg_mask, self.temperature, self.beta)

@@ -89,9 +89,9 @@ def sample_correspondences(
     pa = pa - offset
     pb = pb - offset
 
-    inf = torch.tensor(float("inf"), device=device)
-    lo = torch.where(vb[..., None], pb, inf).amin(dim=1, keepdim=True) - tolerance
-    hi = torch.where(vb[..., None], pb, -inf).amax(dim=1, keepdim=True) + tolerance
+    # Python-scalar fills: a tensor made from a Python number would be copied to the device (a synchronisation)
+    lo = torch.where(vb[..., None], pb, float("inf")).amin(dim=1, keepdim=True) - tolerance
+    hi = torch.where(vb[..., None], pb, float("-inf")).amax(dim=1, keepdim=True) + tolerance
     eligible = va & ((pa >= lo) & (pa <= hi)).all(dim=-1)
 
     # Random candidate subset: topk of random scores, ineligible voxels pushed below.

@@ -62,22 +62,18 @@ def info_nce(
         # Zero that keeps every input in the graph, so backward works even when
         # no anchor contributes.
         zero = (a * 0).sum() + (0.0 if candidates is None else (c * 0).sum())
-        if not bool(has_pos.any()):
-            return zero, stats
-
-        # Keep only anchors with a positive: every kept row has a finite entry in
-        # its denominator, so logsumexp (and its gradient) never sees an all -inf row.
-        if bool(has_pos.all()):  # the usual case: no copies
-            a_k, pos_k, neg_k, n_pos_k = a, pos, neg, n_pos
-        else:
-            a_k, pos_k, neg_k, n_pos_k = a[has_pos], pos[has_pos], neg[has_pos], n_pos[has_pos]
-        logits = a_k @ c.t() / temperature
-        lse = torch.logsumexp(logits.masked_fill(~(pos_k | neg_k), float("-inf")), dim=1)
+        # Anchors without a positive are dropped by weight, not by indexing: no host-device synchronisation
+        # (a boolean index or a Python `if` on a GPU tensor waits for every queued kernel). Their rows get
+        # every entry in the denominator, so logsumexp never sees an all -inf row and their (discarded)
+        # values and gradients stay finite.
+        logits = a @ c.t() / temperature
+        allowed = pos | neg | ~has_pos[:, None]
+        lse = torch.logsumexp(logits.masked_fill(~allowed, float("-inf")), dim=1)
         # sum over positives of (logit - lse), without materialising the log-probabilities
-        pos_sum = logits.masked_fill(~pos_k, 0.0).sum(1)
-        n_pos_f = n_pos_k.float()
-        per_anchor = -(pos_sum - n_pos_f * lse) / n_pos_f
-        loss = per_anchor.mean() + zero
+        pos_sum = logits.masked_fill(~pos, 0.0).sum(1)
+        n_pos_f = n_pos.float().clamp_min(1.0)
+        per_anchor = torch.where(has_pos, -(pos_sum - n_pos_f * lse) / n_pos_f, 0.0)
+        loss = per_anchor.sum() / has_pos.sum().clamp_min(1).float() + zero
     return loss, stats
 
 

@@ -30,10 +30,15 @@ def spade_global_loss(embeddings: Tensor, centers: Tensor, sample_index: Tensor,
 
 
 def view_pairs(sample_index: Tensor) -> Tuple[Tensor, Tensor]:
-    """Row indices (a, b) of the two views of each crop, ordered by crop; works for any row order."""
+    """Row indices (a, b) of the two views of each crop, ordered by crop; works for any row order.
+
+    The layout check reads the values, which on an accelerator would wait for every queued kernel: it runs for
+    host tensors only (the engine checks each loader batch on the host before moving it to the device)."""
     order = torch.argsort(sample_index, stable=True)
+    if order.numel() % 2:
+        raise ValueError("every crop must appear exactly twice in the batch (two views)")
     pairs = order.view(-1, 2)
-    if not torch.equal(sample_index[pairs[:, 0]], sample_index[pairs[:, 1]]):
+    if sample_index.device.type == "cpu" and not torch.equal(sample_index[pairs[:, 0]], sample_index[pairs[:, 1]]):
         raise ValueError("every crop must appear exactly twice in the batch (two views)")
     return pairs[:, 0], pairs[:, 1]
 
@@ -48,12 +53,17 @@ def dense_correspondence_loss(dense: Tensor, coords: Tensor, valid: Tensor, cano
     coordinates of every input voxel and valid (N,*S) from the loader. Up to ``num_samples`` voxels of view a
     per crop are matched to the exactly corresponding feature voxel of view b (nearest in coordinates, within
     ``tolerance`` feature voxels). Positive: that voxel. Negatives: all other sampled voxels (both views, all
-    crops) whose canonical distance exceeds ``r_neg``; nearer ones are excluded."""
+    crops) whose canonical distance exceeds ``r_neg``; nearer ones are excluded.
+
+    Padding slots (crops with fewer matches than ``num_samples``) stay in the fixed-size (2*B*K) layout and are
+    masked out of every pair, rather than removed by boolean indexing: the shapes never depend on the data, so
+    nothing waits for the device."""
     c_feat, v_feat = downsample_coords(coords.to(dense.device), valid.to(dense.device), tuple(stride))
     if tuple(c_feat.shape[2:]) != tuple(dense.shape[2:]):
         raise ValueError(f"feature map {tuple(dense.shape[2:])} does not match the input downsampled by "
                          f"{tuple(stride)} ({tuple(c_feat.shape[2:])})")
-    a, b = view_pairs(sample_index.to(dense.device))
+    a, b = view_pairs(sample_index)
+    a, b = a.to(dense.device, non_blocking=True), b.to(dense.device, non_blocking=True)
     corr = sample_correspondences(c_feat[a], v_feat[a], c_feat[b], v_feat[b], num_samples,
                                   tolerance * float(max(stride)), generator=generator)
     canon = apply_axis_affine(c_feat, canonical_scale.to(dense.device), canonical_offset.to(dense.device))
@@ -61,13 +71,18 @@ def dense_correspondence_loss(dense: Tensor, coords: Tensor, valid: Tensor, cano
     fb = gather_at(dense[b], corr["index_b"])
     xa = gather_at(canon[a], corr["index_a"])  # (B,K,3)
     xb = gather_at(canon[b], corr["index_b"])
-    m = corr["mask"]
-    pair_id = torch.arange(m.numel(), device=m.device).view(m.shape)[m]
-    z = torch.cat((fa[m], fb[m]), 0)
-    x = torch.cat((xa[m], xb[m]), 0)
+    m = corr["mask"].reshape(-1)
+    pair_id = torch.arange(m.numel(), device=m.device)
+    z = torch.cat((fa.reshape(-1, fa.shape[-1]), fb.reshape(-1, fb.shape[-1])), 0)
+    x = torch.cat((xa.reshape(-1, 3), xb.reshape(-1, 3)), 0)
     group = torch.cat((pair_id, pair_id), 0)
-    pos, neg = contrastive_masks(x, group, 0.0, r_neg)
+    slot_ok = torch.cat((m, m), 0)
+    pos, neg = contrastive_masks(x, group, 0.0, r_neg, valid=slot_ok)
     loss, stats = info_nce(z, None, pos, neg, temperature)
+    # per-anchor counts over the sampled voxels only (info_nce averages over all rows; padding rows count none)
+    per_voxel = z.shape[0] / slot_ok.sum().clamp_min(1).float()
+    stats["mean_pos"] = stats["mean_pos"] * per_voxel
+    stats["mean_neg"] = stats["mean_neg"] * per_voxel
     stats["num_pairs"] = m.sum().float().detach()
     return loss, stats
 

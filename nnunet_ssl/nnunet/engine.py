@@ -42,7 +42,7 @@ from nnunetv2.utilities.label_handling.label_handling import determine_num_input
 from nnunet_ssl.core.distributed import cases_per_rank, gather_global_batch, shared_seed
 from nnunet_ssl.core.heads import GlobalProjectionHead
 from nnunet_ssl.core.losses import info_nce
-from nnunet_ssl.core.objectives import momentum_update
+from nnunet_ssl.core.objectives import momentum_update, view_pairs
 from nnunet_ssl.nnunet.checkpoint import CrashSafeCheckpointsMixin, atomic_torch_save, load_checkpoint_file
 from nnunet_ssl.nnunet.cpu_fast import CPUFastPathMixin, contiguous_tensors
 from nnunet_ssl.nnunet.pair_loader import TwoViewDataLoader
@@ -411,8 +411,19 @@ class ContrastivePretrainTrainer(CrashSafeCheckpointsMixin, CPUFastPathMixin, Th
             return torch.autocast("cuda", enabled=True)
         return self.cpu_autocast()  # bf16 on CPUs with native bf16 (CPUFastPathMixin), else a no-op
 
+    def batch_to_device(self, batch: dict) -> dict:
+        """The loader batch with every tensor on the training device, copied before the forward pass so that on a
+        GPU the copies overlap it instead of stalling the loss (host-to-device copies from pageable memory are
+        safe with non_blocking). The two-view layout is checked first, on the host: on the device that check
+        would wait for every queued kernel."""
+        if "sample_index" in batch and "keys" in batch:
+            view_pairs(batch["sample_index"][:2 * len(batch["keys"])].cpu())  # one-line error if not two views
+        return {k: v.to(self.device, non_blocking=True) if isinstance(v, torch.Tensor) else v
+                for k, v in batch.items()}
+
     def _step(self, batch: dict, train: bool) -> dict:
-        data = self.cpu_fast_input(batch["data"].to(self.device, non_blocking=True))
+        batch = self.batch_to_device(batch)
+        data = self.cpu_fast_input(batch["data"])
         condition = self.head_condition(batch)
         if train:
             self.optimizer.zero_grad(set_to_none=True)
@@ -428,9 +439,6 @@ class ContrastivePretrainTrainer(CrashSafeCheckpointsMixin, CPUFastPathMixin, Th
             outputs, batch = gather_global_batch(outputs, batch, views=2 + self.num_neighbors)
             self.step_generator = torch.Generator(self.device).manual_seed(shared_seed(self.device))
         loss, terms = self.compute_loss(outputs, batch)  # losses compute in float32 themselves
-        if not torch.isfinite(loss):
-            raise FloatingPointError(f"non-finite pretraining loss ({loss.item()}) at epoch {self.current_epoch}; "
-                                     f"lower initial_lr or check the input data for NaNs")
         if train:
             params = [p for g in self.optimizer.param_groups for p in g["params"]]
             # under DDP each rank back-propagates the global loss through its own rows only, and DDP averages the
@@ -447,7 +455,12 @@ class ContrastivePretrainTrainer(CrashSafeCheckpointsMixin, CPUFastPathMixin, Th
                 self.step_if_finite(params, self.grad_clip)
             if self.key_model is not None:
                 momentum_update(unwrap(self.model), self.key_model, self.momentum)
+        # checked once the step is queued (one synchronisation per step, not one before the backward pass); a
+        # non-finite loss has non-finite gradients, which the step skipped (GradScaler / step_if_finite)
         out = {"loss": loss.detach().cpu().numpy()}
+        if not np.isfinite(out["loss"]):
+            raise FloatingPointError(f"non-finite pretraining loss ({out['loss']}) at epoch {self.current_epoch}; "
+                                     f"lower initial_lr or check the input data for NaNs")
         out.update({k: torch.as_tensor(v).detach().float().cpu().numpy() for k, v in terms.items()})
         return out
 
