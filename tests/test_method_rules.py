@@ -65,3 +65,21 @@ def test_drasclr_selection_uses_scan_and_location_bin():
     pos, neg = DrasCLRPretrainTrainer.pair_selection(fake, batch)
     assert pos[0].tolist() == [False, False, True, False, True, False]  # same scan: other view + neighbour
     assert neg[0].tolist() == [False, True, False, False, False, True]  # other subject, same location bin
+
+
+def test_batch_to_device_checks_layout_and_skips_unread_per_voxel_maps():
+    import pytest
+    from nnunet_ssl.trainers import SimCLRPretrainTrainer, SpadePretrainTrainer
+    b = 3
+    batch = {"data": torch.zeros(2 * b, 1, 4, 4, 4), "coords": torch.zeros(2 * b, 3, 4, 4, 4),
+             "valid": torch.ones(2 * b, 4, 4, 4, dtype=torch.bool), "canonical_center": torch.rand(2 * b, 3),
+             "sample_index": torch.arange(b).repeat(2), "keys": ["a", "b", "c"]}
+    for cls, keeps in ((SimCLRPretrainTrainer, False), (SpadePretrainTrainer, True), (SpadeSoftPretrainTrainer, True)):
+        fake = SimpleNamespace(device=torch.device("cpu"), loss_reads_per_voxel_maps=cls.loss_reads_per_voxel_maps,
+                               per_voxel_batch_keys=cls.per_voxel_batch_keys)
+        moved = cls.batch_to_device(fake, batch)
+        assert ("coords" in moved and "valid" in moved) == keeps, cls.__name__
+        assert moved["keys"] == batch["keys"] and torch.equal(moved["canonical_center"], batch["canonical_center"])
+    bad = dict(batch, sample_index=torch.tensor([0, 1, 2, 0, 1, 1]))  # crop 2 has one view, crop 1 three
+    with pytest.raises(ValueError, match="exactly twice"):
+        SpadePretrainTrainer.batch_to_device(fake, bad)
