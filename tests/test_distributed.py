@@ -7,6 +7,7 @@ size, clipping, SGD step) with tiny stand-in networks under a real DDP wrapper, 
 compute_loss with its queue and momentum encoder, and PDCR's synchronisation of its projection heads."""
 import copy
 import os
+import warnings
 
 import pytest
 import torch
@@ -271,7 +272,10 @@ def _worker(rank: int, init_file: str, out_dir: str):
     try:
         result = {"spade": _spade_rank(rank), "engine_spade": _engine_spade_rank(rank),
                   "drasclr": _drasclr_rank(rank), "pdcr": _pdcr_rank(rank), "uneven": _gather_uneven_rank(rank)}
-        torch.save(result, os.path.join(out_dir, f"rank{rank}.pt"))
+        path = os.path.join(out_dir, f"rank{rank}.pt")
+        torch.save(result, path + ".tmp")
+        os.replace(path + ".tmp", path)  # a rank file exists only once its results are complete
+        dist.barrier()  # no rank tears gloo down while the other still has messages in flight
     finally:
         dist.destroy_process_group()
 
@@ -279,7 +283,14 @@ def _worker(rank: int, init_file: str, out_dir: str):
 @pytest.fixture(scope="module")
 def ranks(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("ddp")
-    mp.spawn(_worker, args=(str(tmp / "init"), str(tmp)), nprocs=WORLD, join=True)
+    try:
+        mp.spawn(_worker, args=(str(tmp / "init"), str(tmp)), nprocs=WORLD, join=True)
+    except mp.ProcessExitedException as error:
+        # gloo can abort a process while it shuts down ("terminate called without an active exception") on a
+        # loaded machine; what the tests check was computed before that if every rank wrote its complete file
+        if not all((tmp / f"rank{r}.pt").exists() for r in range(WORLD)):
+            raise
+        warnings.warn(f"a DDP rank aborted after writing its results (teardown): {error}")
     return [torch.load(tmp / f"rank{r}.pt", weights_only=False) for r in range(WORLD)]
 
 

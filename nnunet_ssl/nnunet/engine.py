@@ -476,7 +476,6 @@ class ContrastivePretrainTrainer(CrashSafeCheckpointsMixin, CPUFastPathMixin, Th
         return self._step(batch, train=False)
 
     def on_train_epoch_start(self):
-        self.skipped_steps_epoch = 0
         self.model.train()
         super().on_train_epoch_start()
         self.model.train()
