@@ -3,6 +3,7 @@
 Each differs from the CPU benchmark's trainer in one setting, so a run of ``nnunet-ssl benchmark
 --pretrain-trainer spade=... / --finetune-trainer ...`` on the pool alone isolates that setting."""
 from nnunet_ssl.trainers.finetune import nnUNetTrainerFinetune_cpu_80ep
+from nnunet_ssl.trainers.drasclr import DrasCLRPretrainTrainer_cpu
 from nnunet_ssl.trainers.spade import SpadePretrainTrainer_cpu
 
 
@@ -39,3 +40,10 @@ class SpadePretrainTrainer_cpu_t03(SpadePretrainTrainer_cpu):
     """Temperature 0.3 for both branches (default 0.1)."""
     temperature_global = 0.3
     temperature_local = 0.3
+
+
+# ---- DrasCLR pretraining: momentum of the key encoder
+class DrasCLRPretrainTrainer_cpu_m99(DrasCLRPretrainTrainer_cpu):
+    """Key-encoder momentum 0.99 instead of 0.999: the keys follow the encoder with a lag of ~100 steps instead of
+    ~1000, which is the whole of the CPU budget's 1000-step pretraining."""
+    momentum = 0.99
