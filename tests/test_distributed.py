@@ -421,3 +421,17 @@ def test_single_process_is_a_pass_through():
     assert out is outputs and set(gathered) == set(batch) - {"data"}
     with pytest.raises(ValueError, match="expected 3 views per case"):
         gather_global_batch(outputs, batch, views=3)
+
+
+def test_non_finite_loss_is_an_error_and_the_step_is_not_taken():
+    # single process: a NaN in the input makes the loss NaN; the engine checks the loss once the step is queued
+    # (no synchronisation before the backward pass), so the optimizer step must have been skipped by then
+    trainer = spade_trainer(TinySpadeModel(), is_ddp=False)
+    trainer.grad_clip = 12.0
+    batch, _ = spade_batch()
+    batch["data"][0, 0, 0, 0, 0] = float("nan")
+    before = weights(trainer.model)
+    with pytest.raises(FloatingPointError, match="non-finite pretraining loss"):
+        trainer._step(batch, train=True)
+    after = weights(trainer.model)
+    assert all(torch.equal(before[k], after[k]) for k in before)
