@@ -463,7 +463,7 @@ def plot(rows: List[dict], path: Path, title: str) -> None:
     import matplotlib.pyplot as plt
 
     groups = _groups(rows)
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    fig, ax = plt.subplots(figsize=(9, 4.5))
     n = len(groups)
     for i, ((budget, prec, method), by_k) in enumerate(groups.items()):
         ks = sorted(by_k)
@@ -475,11 +475,12 @@ def plot(rows: List[dict], path: Path, title: str) -> None:
     ax.set_xscale("log")
     ks_all = sorted({r["labeled"] for r in rows})
     ax.set_xticks(ks_all, [str(k) for k in ks_all])
+    ax.set_xticks([], minor=True)  # the log axis' own minor labels (e.g. "6x10^0") would sit between the k values
     ax.set_xlabel("labelled cases for fine-tuning")
     ax.set_ylabel("mean test Dice")
     ax.set_ylim(0, 1)
     ax.set_title(title)
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=8, loc="center left", bbox_to_anchor=(1.01, 0.5))  # outside: curves cross the middle
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
