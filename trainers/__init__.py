@@ -8,7 +8,8 @@ from nnunet_ssl.trainers.finetune import (nnUNetTrainerFinetune, nnUNetTrainerFi
                                           nnUNetTrainerFinetune_long, nnUNetTrainerFinetune_smoke,
                                           nnUNetTrainerFinetune_smoke_long)
 from nnunet_ssl.trainers.investigation import (DrasCLRPretrainTrainer_cpu_m99, SpadePretrainTrainer_cpu_80ep,
-                                               SpadePretrainTrainer_cpu_narrow, SpadePretrainTrainer_cpu_t03, SpadePretrainTrainer_cpu_wide,
+                                               SpadePretrainTrainer_cpu_narrow, SpadePretrainTrainer_cpu_t03,
+                                               SpadePretrainTrainer_cpu_wide,
                                                nnUNetTrainerFinetune_cpu_80ep_lr3e3,
                                                nnUNetTrainerFinetune_cpu_80ep_warmup20)
 from nnunet_ssl.trainers.pdcr import PDCRTrainer, PDCRTrainer_smoke, PDCRUAFSTrainer, PDCRUAFSTrainer_smoke
