@@ -75,8 +75,7 @@ def test_batch_to_device_checks_layout_and_skips_unread_per_voxel_maps():
              "valid": torch.ones(2 * b, 4, 4, 4, dtype=torch.bool), "canonical_center": torch.rand(2 * b, 3),
              "sample_index": torch.arange(b).repeat(2), "keys": ["a", "b", "c"]}
     for cls, keeps in ((SimCLRPretrainTrainer, False), (SpadePretrainTrainer, True), (SpadeSoftPretrainTrainer, True)):
-        fake = SimpleNamespace(device=torch.device("cpu"), loss_reads_per_voxel_maps=cls.loss_reads_per_voxel_maps,
-                               per_voxel_batch_keys=cls.per_voxel_batch_keys)
+        fake = SimpleNamespace(device=torch.device("cpu"), host_only_batch_keys=cls.host_only_batch_keys)
         moved = cls.batch_to_device(fake, batch)
         assert ("coords" in moved and "valid" in moved) == keeps, cls.__name__
         assert moved["keys"] == batch["keys"] and torch.equal(moved["canonical_center"], batch["canonical_center"])

@@ -33,7 +33,7 @@ class SpadePretrainTrainer(ContrastivePretrainTrainer):
     lambda_local = 1.0
 
     head_inputs = {"global": "bottleneck", "local": "decoder"}
-    loss_reads_per_voxel_maps = True  # the dense branch matches voxels by their coordinates
+    host_only_batch_keys = ()  # the dense branch matches voxels by their coordinates: the loss reads every entry
     logged_terms = ("global", "local", "mean_pos_global", "mean_neg_global", "mean_pos_local", "mean_neg_local")
 
     def build_heads(self) -> nn.ModuleDict:

@@ -59,13 +59,11 @@ def info_nce(
             "num_anchors": has_pos.float().sum().detach(),
         }
 
-        # Zero that keeps every input in the graph, so backward works even when
-        # no anchor contributes.
-        zero = (a * 0).sum() + (0.0 if candidates is None else (c * 0).sum())
         # Anchors without a positive are dropped by weight, not by indexing: no host-device synchronisation
         # (a boolean index or a Python `if` on a GPU tensor waits for every queued kernel). Their rows get
         # every entry in the denominator, so logsumexp never sees an all -inf row and their (discarded)
-        # values and gradients stay finite.
+        # values and gradients stay finite; the loss stays attached to every input through the logits, so
+        # backward works (zero gradients) even when no anchor contributes.
         logits = a @ c.t() / temperature
         allowed = pos | neg | ~has_pos[:, None]
         lse = torch.logsumexp(logits.masked_fill(~allowed, float("-inf")), dim=1)
@@ -73,7 +71,7 @@ def info_nce(
         pos_sum = logits.masked_fill(~pos, 0.0).sum(1)
         n_pos_f = n_pos.float().clamp_min(1.0)
         per_anchor = torch.where(has_pos, -(pos_sum - n_pos_f * lse) / n_pos_f, 0.0)
-        loss = per_anchor.sum() / has_pos.sum().clamp_min(1).float() + zero
+        loss = per_anchor.sum() / has_pos.sum().clamp_min(1).float()
     return loss, stats
 
 

@@ -35,12 +35,10 @@ def view_pairs(sample_index: Tensor) -> Tuple[Tensor, Tensor]:
     The layout check reads the values, which on an accelerator would wait for every queued kernel: it runs for
     host tensors only (the engine checks each loader batch on the host before moving it to the device)."""
     order = torch.argsort(sample_index, stable=True)
-    if order.numel() % 2:
+    a, b = order[0::2], order[1::2]
+    if len(a) != len(b) or (sample_index.device.type == "cpu" and not torch.equal(sample_index[a], sample_index[b])):
         raise ValueError("every crop must appear exactly twice in the batch (two views)")
-    pairs = order.view(-1, 2)
-    if sample_index.device.type == "cpu" and not torch.equal(sample_index[pairs[:, 0]], sample_index[pairs[:, 1]]):
-        raise ValueError("every crop must appear exactly twice in the batch (two views)")
-    return pairs[:, 0], pairs[:, 1]
+    return a, b
 
 
 def dense_correspondence_loss(dense: Tensor, coords: Tensor, valid: Tensor, canonical_scale: Tensor,

@@ -226,10 +226,9 @@ class ContrastivePretrainTrainer(CrashSafeCheckpointsMixin, CPUFastPathMixin, Th
     momentum: float = 0.999
     # loss terms compute_loss reports (logged per epoch for train and validation)
     logged_terms: Tuple[str, ...] = ()
-    # per-voxel maps of the loader batch (4 values per input voxel): only methods whose loss reads them (Spade's
-    # dense branch) get them on the device; the others skip the copy (and, under DDP, the gather)
-    per_voxel_batch_keys: Tuple[str, ...] = ("coords", "valid")
-    loss_reads_per_voxel_maps: bool = False
+    # loader-batch entries the loss never reads, left out of the device batch: the per-voxel coordinate maps (4 values
+    # per input voxel) skip the copy (and, under DDP, the gather) unless a method's loss reads them (Spade: ())
+    host_only_batch_keys: Tuple[str, ...] = ("coords", "valid")
     # random generator for sampling inside compute_loss: None (global RNG) in one process; under DDP seeded
     # identically on all ranks every step, so that each rank draws the same samples of the gathered batch
     step_generator: torch.Generator | None = None
@@ -422,9 +421,8 @@ class ContrastivePretrainTrainer(CrashSafeCheckpointsMixin, CPUFastPathMixin, Th
         would wait for every queued kernel."""
         if "sample_index" in batch and "keys" in batch:
             view_pairs(batch["sample_index"][:2 * len(batch["keys"])].cpu())  # one-line error if not two views
-        skip = () if self.loss_reads_per_voxel_maps else self.per_voxel_batch_keys
         return {k: v.to(self.device, non_blocking=True) if isinstance(v, torch.Tensor) else v
-                for k, v in batch.items() if k not in skip}
+                for k, v in batch.items() if k not in self.host_only_batch_keys}
 
     def _step(self, batch: dict, train: bool) -> dict:
         batch = self.batch_to_device(batch)
