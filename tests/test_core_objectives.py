@@ -152,6 +152,8 @@ def test_spade_objectives_never_wait_for_the_device():
     # every queued kernel; the objectives must issue none, apart from view_pairs' layout check of host tensors
     from torch.utils._python_dispatch import TorchDispatchMode
 
+    from nnunet_ssl.core.losses import affinity_weighted_loss
+
     syncing = {"aten._local_scalar_dense", "aten.nonzero", "aten.masked_select", "aten.is_nonzero", "aten.equal",
                "aten.item"}
 
@@ -175,7 +177,9 @@ def test_spade_objectives_never_wait_for_the_device():
         lg, _ = spade_global_loss(emb, torch.rand(len(sample), 3), sample, 0.1, 0.3, 0.1)
         ll, _ = dense_correspondence_loss(dense, coords, valid, torch.full((len(sample), 3), 0.1),
                                           torch.zeros(len(sample), 3), sample, (1, 1, 1), 32, 0.5, 0.25, 0.2)
-        (lg + ll).backward()
+        n = len(sample)  # SpadeSoft's global branch: affinity-weighted contrast
+        ls, _ = affinity_weighted_loss(emb, torch.rand(n, n), torch.rand(n, n) > 0.5, 0.5)
+        (lg + ll + ls).backward()
     found = [op for op in rec.ops if op in syncing]
     assert found == ["aten.equal"], found  # the host-side two-view check, nothing else
     assert len(rec.ops) > 50  # the recorder saw the computation

@@ -122,17 +122,13 @@ def affinity_weighted_loss(
             "mean_affinity": (aff * valid).sum().detach() / n_pairs.clamp_min(1).float(),
             "num_pairs": n_pairs.float().detach(),
         }
-        zero = (a * 0).sum() + (0.0 if candidates is None else (c * 0).sum())
-        if not bool(n_pairs > 0):
-            return zero, stats
-
-        # Only rows with a valid pair: their denominators hold a finite entry, so neither
-        # logsumexp nor its gradient meets an all -inf row.
+        # As in info_nce, no host-device synchronisation: every row is computed, rows without a valid pair get a
+        # constant (finite) denominator and drop out by weight; the loss stays attached to every input through the
+        # logits, so backward works (zero gradients) when there is no valid pair.
         rows = valid.any(1)
-        v = valid[rows]
-        aff_r = aff[rows]
-        logits = a[rows] @ c.t() / temperature
-        lse = torch.logsumexp((logits * (1.0 - aff_r)).masked_fill(~v, float("-inf")), dim=1)
-        per_pair = lse[:, None] - logits * aff_r
-        loss = torch.where(v, per_pair, torch.zeros_like(per_pair)).sum() / n_pairs.float() + zero
+        logits = a @ c.t() / temperature
+        scaled = (logits * (1.0 - aff)).masked_fill(~valid, float("-inf")).masked_fill(~rows[:, None], 0.0)
+        lse = torch.logsumexp(scaled, dim=1)
+        per_pair = lse[:, None] - logits * aff
+        loss = torch.where(valid, per_pair, 0.0).sum() / n_pairs.clamp_min(1).float()
     return loss, stats
