@@ -72,7 +72,7 @@ BUDGETS = {
                     "nnUNetTrainerFinetune_smoke_long", max_test=10, num_val=2),
 }
 
-CSV_FIELDS = ["method", "variant", "labeled", "seed", "precision", "budget", "dataset", "pretrain_trainer",
+CSV_FIELDS = ["method", "variant", "labeled", "seed", "precision", "budget", "plans", "dataset", "pretrain_trainer",
               "finetune_trainer", "pretrain_iterations", "finetune_iterations", "total_iterations", "num_test",
               "mean_dice", "pretrain_s", "finetune_s", "predict_s"]
 
@@ -266,12 +266,27 @@ class Settings:
     split_seed: int = 0
     num_processes: int = 2
     finetune_trainer: Optional[str] = None              # instead of the budget's (investigations)
+    planner: Optional[str] = None                       # instead of the budget's (its plans name follows)
     pretrain_trainers: Tuple[Tuple[str, str], ...] = ()  # (method, trainer) instead of the budget's
+
+
+def with_planner(budget: Budget, planner: Optional[str]) -> Budget:
+    """The budget with another planner (and that planner's plans name), e.g. a wider network."""
+    if not planner:
+        return budget
+    from dataclasses import replace
+
+    from nnunet_ssl.nnunet.planning import find_planner
+    try:
+        cls = find_planner(planner)
+    except ValueError as e:
+        raise SystemExit(f"--planner: {e}")
+    return replace(budget, planner=planner, plans=getattr(cls, "default_plans_name", "nnUNetPlans"))
 
 
 def run_benchmark(s: Settings) -> List[dict]:
     t_start = time.time()
-    budget = BUDGETS[s.budget]
+    budget = with_planner(BUDGETS[s.budget], s.planner)
     unknown = [m for m in s.methods if m not in METHODS]
     if unknown:
         raise SystemExit(f"unknown method(s) {', '.join(unknown)}; choose from {', '.join(METHODS)}")
@@ -317,7 +332,7 @@ def run_benchmark(s: Settings) -> List[dict]:
     for seed, k, _ in cells:
         fold_of(work, seed, k)
     write_splits(work, pre_ds, pool, budget.num_val)
-    tag = f"{budget.name}_{precision}"
+    tag = f"{budget.name}_{precision}" + (f"_{budget.plans}" if s.planner else "")
     da = os.environ.get("nnUNet_n_proc_DA", "0" if s.device == "cpu" else "8")
     # the models are scored on the test set by nnUNetv2_predict; nnU-Net's final validation of the few monitoring
     # cases would only add ~10 s per cell
@@ -375,7 +390,7 @@ def run_benchmark(s: Settings) -> List[dict]:
         scores = pipeline.evaluate(work / "test" / "labels", pred, raw / ds_name / "dataset.json",
                                    pre_ds / f"{budget.plans}.json", s.num_processes)
         row = {"method": method, "variant": variant, "labeled": k, "seed": seed, "precision": precision,
-               "budget": budget.name,
+               "budget": budget.name, "plans": budget.plans,
                "dataset": ds_name, "pretrain_trainer": pre_trainer, "finetune_trainer": ft_trainer,
                "pretrain_iterations": iterations(pre_trainer) if pre_trainer else 0,
                "finetune_iterations": iterations(ft_trainer),
@@ -501,7 +516,7 @@ def main_benchmark(args) -> int:
     s = Settings(dataset=str(args.d), work_dir=args.work_dir, methods=methods, labeled=labeled, seeds=seeds,
                  budget=budget, precision=args.precision, device=args.device, configuration=args.c,
                  test_raw=args.test_raw, test_fraction=args.test_fraction, split_seed=args.split_seed,
-                 num_processes=args.np, finetune_trainer=args.finetune_trainer,
+                 num_processes=args.np, finetune_trainer=args.finetune_trainer, planner=args.planner,
                  pretrain_trainers=tuple(_method_trainer(a) for a in args.pretrain_trainer or ()))
     work = Path(s.work_dir)
     work.mkdir(parents=True, exist_ok=True)

@@ -215,6 +215,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--finetune-trainer", default=None,
                    help="fine-tune with this trainer instead of the budget's (investigations; cells are named after "
                         "it, so they sit next to the default cells in the same work dir)")
+    s.add_argument("--planner", default=None,
+                   help="plan with this planner instead of the budget's (e.g. nnUNetPlannerCPUWide); its plans name "
+                        "is part of the cells' names")
     s.add_argument("--pretrain-trainer", nargs="+", default=None, metavar="METHOD=TRAINER",
                    help="pretrain METHOD with TRAINER instead of the budget's (e.g. spade=SpadePretrainTrainer_cpu_t03)")
     s.add_argument("-c", default="3d_fullres")

@@ -82,6 +82,26 @@ class nnUNetPlannerCPU(nnUNetPlannerSmall):
         return plan
 
 
+class nnUNetPlannerCPUWide(nnUNetPlannerCPU):
+    """The CPU budget's patch and topology with twice the width: 8-64 features, batch 2."""
+    default_plans_name = "nnUNetPlansCPUWide"
+    base_num_features = 8
+    max_num_features = 64
+
+
+class nnUNetPlannerCPUWide4(nnUNetPlannerCPUWide):
+    """nnUNetPlannerCPUWide with batch 4."""
+    default_plans_name = "nnUNetPlansCPUWide4"
+    batch_size = 4
+
+
+class nnUNetPlannerCPUWider(nnUNetPlannerCPU):
+    """The CPU budget's patch and topology with 16-128 features, batch 2."""
+    default_plans_name = "nnUNetPlansCPUWider"
+    base_num_features = 16
+    max_num_features = 128
+
+
 class nnUNetPlannerTiny(nnUNetPlannerSmall):
     """Smallest sensible U-Net; for tests and smoke runs only."""
     default_plans_name = "nnUNetPlansTiny"
