@@ -37,6 +37,7 @@ from nnunet_ssl import pipeline
 METHODS: Dict[str, Optional[str]] = {
     "scratch": None,
     "scratch_long": None,
+    "stock": None,
     "simclr": "SimCLRPretrainTrainer",
     "pcl": "PCLPretrainTrainer",
     "spade": "SpadePretrainTrainer",
@@ -44,6 +45,10 @@ METHODS: Dict[str, Optional[str]] = {
     "drasclr": "DrasCLRPretrainTrainer",
 }
 PRECISIONS = ("auto", "fp32", "bf16")
+# the headline protocol: paired comparisons at k = 2, 5, 10 over 5 seeds
+DEFAULT_METHODS = ("scratch", "scratch_long", "stock", "simclr", "spade", "spade_soft")
+DEFAULT_LABELED = (2, 5, 10)
+DEFAULT_SEEDS = (0, 1, 2, 3, 4)
 
 
 @dataclass(frozen=True)
@@ -55,6 +60,8 @@ class Budget:
     pretrain_suffix: str        # appended to the method's pretraining trainer (its budget preset)
     finetune_trainer: str
     finetune_long_trainer: str  # scratch_long: iterations = pretraining + fine-tuning
+    finetune_pretrained_trainer: str  # pretrained starts: their recipe, as many iterations as finetune_trainer
+    stock_trainer: str = "nnUNetTrainerWallClock"  # stock nnU-Net for the training time of the scratch run
     max_test: Optional[int] = None  # cap on scored test cases (quick only)
     num_val: int = 3            # pool cases nnU-Net validates on during fine-tuning (monitoring only)
 
@@ -62,14 +69,15 @@ class Budget:
 BUDGETS = {
     # standard nnU-Net plans and schedules (GPU)
     "gpu": Budget("gpu", "ExperimentPlanner", "nnUNetPlans", "", "nnUNetTrainerFinetune",
-                  "nnUNetTrainerFinetune_long"),
+                  "nnUNetTrainerFinetune_long", "nnUNetTrainerPretrainedFinetune"),
     # small network (nnUNetPlannerCPU: 4-32 features, batch 2, patch <= 50k voxels, nnU-Net's topology rules),
     # fixed iterations: pretraining 1000, fine-tuning 2000, scratch_long 3000
     "cpu": Budget("cpu", "nnUNetPlannerCPU", "nnUNetPlansCPU", "_cpu", "nnUNetTrainerFinetune_cpu_80ep",
-                  "nnUNetTrainerFinetune_cpu_120ep"),
+                  "nnUNetTrainerFinetune_cpu_120ep", "nnUNetTrainerPretrainedFinetune_cpu"),
     # smoke scale: checks the whole protocol end to end in minutes; its numbers mean nothing
     "quick": Budget("quick", "nnUNetPlannerTiny", "nnUNetPlansTiny", "_smoke", "nnUNetTrainerFinetune_smoke",
-                    "nnUNetTrainerFinetune_smoke_long", max_test=10, num_val=2),
+                    "nnUNetTrainerFinetune_smoke_long", "nnUNetTrainerPretrainedFinetune_smoke", max_test=10,
+                    num_val=2),
 }
 
 CSV_FIELDS = ["method", "variant", "labeled", "seed", "precision", "budget", "plans", "dataset", "pretrain_trainer",
@@ -101,12 +109,33 @@ def pretrain_trainer_of(method: str, budget: Budget, overrides: Optional[Dict[st
     return (overrides or {}).get(method) or METHODS[method] + budget.pretrain_suffix
 
 
+def finetune_trainer_of(method: str, budget: Budget, finetune_trainer: Optional[str] = None,
+                        pretrained_finetune_trainer: Optional[str] = None) -> str:
+    """Fine-tuning trainer of a method's cells: from-scratch recipe (``scratch``), pretrained-start recipe (every
+    pretraining method), the long from-scratch run (``scratch_long``) or stock nnU-Net (``stock``)."""
+    if method == "scratch_long":
+        return budget.finetune_long_trainer
+    if method == "stock":
+        return budget.stock_trainer
+    if METHODS[method]:
+        return pretrained_finetune_trainer or budget.finetune_pretrained_trainer
+    return finetune_trainer or budget.finetune_trainer
+
+
 def check_budget(budget: Budget, methods: Sequence[str], finetune_trainer: Optional[str] = None,
-                 pretrain_trainers: Optional[Dict[str, str]] = None) -> Dict[str, int]:
-    """Iterations of every trainer of the run; scratch_long must equal pretraining + fine-tuning."""
+                 pretrain_trainers: Optional[Dict[str, str]] = None,
+                 pretrained_finetune_trainer: Optional[str] = None) -> Dict[str, int]:
+    """Iterations of every trainer of the run; pretrained starts fine-tune as long as ``scratch``, and
+    scratch_long runs as long as pretraining + fine-tuning."""
     ft = iterations(finetune_trainer or budget.finetune_trainer)
     pre = {m: iterations(pretrain_trainer_of(m, budget, pretrain_trainers)) for m in methods if METHODS[m]}
     its = {"finetune": ft, **{f"pretrain_{m}": n for m, n in pre.items()}}
+    if pre:
+        ft_pre_trainer = pretrained_finetune_trainer or budget.finetune_pretrained_trainer
+        ft_pre = iterations(ft_pre_trainer)
+        if ft_pre != ft:
+            raise SystemExit(f"budget {budget.name!r}: pretrained starts fine-tune {ft_pre} iterations "
+                             f"({ft_pre_trainer}) but scratch {ft}; the comparison needs equal fine-tuning lengths")
     if "scratch_long" in methods:
         long = iterations(budget.finetune_long_trainer)
         want = sorted({ft + n for n in pre.values()} or {long})
@@ -115,15 +144,20 @@ def check_budget(budget: Budget, methods: Sequence[str], finetune_trainer: Optio
                              f"pretraining + fine-tuning run {want}; give scratch_long a matching trainer (or leave "
                              f"scratch_long out of --methods when trainers are overridden)")
         its["finetune_long"] = long
+    if "stock" in methods and "scratch" not in methods:
+        raise SystemExit("--methods: 'stock' trains for the time its 'scratch' cell took; add 'scratch'")
     return its
 
 
-def cell_variant(method: str, finetune_trainer: Optional[str], pretrain_trainers: Dict[str, str]) -> str:
+def cell_variant(method: str, finetune_trainer: Optional[str], pretrain_trainers: Dict[str, str],
+                 pretrained_finetune_trainer: Optional[str] = None) -> str:
     """'' for the budget's own trainers, else the overriding trainer names (part of the cell's name)."""
     parts = []
     if METHODS[method] and method in pretrain_trainers:
         parts.append(pretrain_trainers[method])
-    if finetune_trainer and method != "scratch_long":
+    if METHODS[method] and pretrained_finetune_trainer:
+        parts.append(pretrained_finetune_trainer)
+    if method == "scratch" and finetune_trainer:
         parts.append(finetune_trainer)
     return "+".join(parts)
 
@@ -133,7 +167,8 @@ def display_name(row: dict) -> str:
 
 
 def _order(row: dict) -> Tuple:
-    return (row["budget"], row["precision"], list(METHODS).index(row["method"]), row.get("variant", ""))
+    return (row["budget"], row["precision"], row.get("plans", ""), list(METHODS).index(row["method"]),
+            row.get("variant", ""))
 
 
 # ---------------------------------------------------------------------------------------------- data
@@ -267,7 +302,37 @@ class Settings:
     num_processes: int = 2
     finetune_trainer: Optional[str] = None              # instead of the budget's (investigations)
     planner: Optional[str] = None                       # instead of the budget's (its plans name follows)
+    pretrained_finetune_trainer: Optional[str] = None   # instead of the budget's, for pretrained starts
+    cells_dir: Optional[str] = None                     # finished cells (default WORK/cells); may be in a repository
     pretrain_trainers: Tuple[Tuple[str, str], ...] = ()  # (method, trainer) instead of the budget's
+
+
+WALL_SECONDS = "NNUNET_SSL_WALL_SECONDS"
+
+
+def cells_dir_of(s: "Settings") -> Path:
+    d = Path(s.cells_dir).resolve() if s.cells_dir else Path(s.work_dir).resolve() / "cells"
+    d.mkdir(parents=True, exist_ok=True)
+    return d
+
+
+def _final_logging(checkpoint: Path) -> dict:
+    import torch
+    return torch.load(checkpoint, map_location="cpu", weights_only=False)
+
+
+def train_seconds(checkpoint: Path) -> float:
+    """Training time of a finished run (sum of its epochs' durations in nnU-Net's log)."""
+    from nnunet_ssl.trainers.stock import training_seconds
+    return training_seconds(_final_logging(checkpoint)["logging"])
+
+
+def run_iterations(checkpoint: Path, trainer: str) -> int:
+    """Iterations a finished run trained: the class budget, or for a wall-clock trainer the epochs it ran."""
+    cls = trainer_class(trainer)
+    if getattr(cls, "max_epochs", None) is None:
+        return iterations(trainer)
+    return (int(_final_logging(checkpoint)["current_epoch"]) + 1) * int(cls.num_iterations_per_epoch)
 
 
 def with_planner(budget: Budget, planner: Optional[str]) -> Budget:
@@ -298,9 +363,10 @@ def run_benchmark(s: Settings) -> List[dict]:
             raise SystemExit(f"--pretrain-trainer {m}={t}: {m!r} is not a pretraining method; choose from "
                              f"{', '.join(k for k, v in METHODS.items() if v)}")
         trainer_class(t)
-    if s.finetune_trainer:
-        trainer_class(s.finetune_trainer)
-    its = check_budget(budget, s.methods, s.finetune_trainer, overrides)
+    for t in (s.finetune_trainer, s.pretrained_finetune_trainer):
+        if t:
+            trainer_class(t)
+    its = check_budget(budget, s.methods, s.finetune_trainer, overrides, s.pretrained_finetune_trainer)
     work = Path(s.work_dir).resolve()
     work.mkdir(parents=True, exist_ok=True)
     src = find_raw_dataset(s.dataset)
@@ -338,11 +404,11 @@ def run_benchmark(s: Settings) -> List[dict]:
     # cases would only add ~10 s per cell
     env_extra = {"nnUNet_n_proc_DA": da, "NNUNET_SSL_SKIP_FINAL_VALIDATION": "1", **_precision_env(s.precision)}
     env = lambda results: pipeline.nnunet_env(raw, preprocessed, results, env_extra)  # noqa: E731
-    cell_dir = work / "cells"
+    cell_dir = cells_dir_of(s)
     cell_dir.mkdir(exist_ok=True)
     rows = []
     for i, (seed, k, method) in enumerate(cells, 1):
-        variant = cell_variant(method, s.finetune_trainer, overrides)
+        variant = cell_variant(method, s.finetune_trainer, overrides, s.pretrained_finetune_trainer)
         name = f"{method}@{variant}" if variant else method  # folders, logs and cell files of this cell
         cell_file = cell_dir / f"{tag}__{name}__k{k}__s{seed}.json"
         label = f"[{i}/{len(cells)}] {name} k={k} seed={seed}"
@@ -365,16 +431,23 @@ def run_benchmark(s: Settings) -> List[dict]:
                                       s.device, output_folder=pre_out)
                 _atomic_json(times_file, {"pretrain_s": round(took, 1)})
             times["pretrain_s"] = json.loads(times_file.read_text())["pretrain_s"] if times_file.exists() else 0.0
-        ft_trainer = budget.finetune_long_trainer if method == "scratch_long" else \
-            s.finetune_trainer or budget.finetune_trainer
-        fold = fold_of(work, seed, k)
+        ft_trainer = finetune_trainer_of(method, budget, s.finetune_trainer, s.pretrained_finetune_trainer)
         results = work / "results" / tag / name
+        ft_env = env(results)
+        if method == "stock":  # stock nnU-Net gets the training time of the scratch run with the same cases
+            ref = cell_dir / f"{tag}__scratch__k{k}__s{seed}.json"
+            ref_s = json.loads(ref.read_text()).get("train_s") if ref.exists() else None
+            if not ref_s:
+                raise SystemExit(f"{label}: needs the training time of {ref.name}, which is missing; run 'scratch' "
+                                 f"for this k and seed first (same --work-dir)")
+            ft_env[WALL_SECONDS] = str(ref_s)
+        fold = fold_of(work, seed, k)
         ft_out = results / ds_name / f"{ft_trainer}__{budget.plans}__{s.configuration}" / f"fold_{fold}"
         ft_time_file = ft_out / "finetune_time.json"
         if not (ft_out / "checkpoint_final.pth").exists():
             _log(f"{label}: fine-tuning {ft_trainer} on {k} labelled cases"
                  + (f" from {pre_trainer}" if weights else " from scratch"))
-            took = pipeline.train(dataset_id, s.configuration, fold, ft_trainer, budget.plans, env(results),
+            took = pipeline.train(dataset_id, s.configuration, fold, ft_trainer, budget.plans, ft_env,
                                   work / "logs" / tag / f"ft_{name}_k{k}_s{seed}.log", f"{name} k={k} s={seed}",
                                   s.device, weights, output_folder=ft_out)
             _atomic_json(ft_time_file, {"finetune_s": round(took, 1)})
@@ -393,8 +466,9 @@ def run_benchmark(s: Settings) -> List[dict]:
                "budget": budget.name, "plans": budget.plans,
                "dataset": ds_name, "pretrain_trainer": pre_trainer, "finetune_trainer": ft_trainer,
                "pretrain_iterations": iterations(pre_trainer) if pre_trainer else 0,
-               "finetune_iterations": iterations(ft_trainer),
-               "num_test": scores["num_cases"], "mean_dice": scores["mean"],
+               "finetune_iterations": run_iterations(ft_out / "checkpoint_final.pth", ft_trainer),
+               "train_s": round(train_seconds(ft_out / "checkpoint_final.pth"), 1),
+               "num_test": scores["num_cases"], "mean_dice": scores["mean"], "per_case": scores["per_case"],
                **{f"dice_{c}": d for c, d in scores["per_class"].items()}, **times}
         row["total_iterations"] = row["pretrain_iterations"] + row["finetune_iterations"]
         _atomic_json(cell_file, row)
@@ -408,60 +482,88 @@ def run_benchmark(s: Settings) -> List[dict]:
 
 
 # ---------------------------------------------------------------------------------------------- reports
-def load_rows(work: Path) -> List[dict]:
-    return [json.loads(p.read_text()) for p in sorted((work / "cells").glob("*.json"))]
+def load_rows(cells_dir: Path) -> List[dict]:
+    return [json.loads(p.read_text()) for p in sorted(Path(cells_dir).glob("*.json"))]
 
 
 def write_reports(work: Path, dataset_json: dict, s: Settings) -> None:
-    rows = load_rows(work)
+    rows = load_rows(cells_dir_of(s))
     if not rows:
         return
     class_cols = sorted({k for r in rows for k in r if k.startswith("dice_")}, key=lambda c: int(c[5:]))
-    fields = CSV_FIELDS + class_cols
+    fields = CSV_FIELDS + ["train_s"] + class_cols
     with open(work / "results.csv", "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=fields, extrasaction="ignore")
         w.writeheader()
         for r in sorted(rows, key=lambda r: (*_order(r), r["labeled"], r["seed"])):
             w.writerow(r)
     names = {str(v): k for k, v in dataset_json["labels"].items() if isinstance(v, int)}
-    (work / "results.md").write_text(markdown_table(rows, class_cols, names, s))
+    (work / "results.md").write_text(markdown_table(rows, class_cols, names))
     plot(rows, work / "results.png", rows[0]["dataset"])
 
 
-def _groups(rows: List[dict]) -> Dict[Tuple[str, str, str], Dict[int, List[dict]]]:
-    """(budget, precision, method [variant]) -> k -> rows, in METHODS order."""
-    out: Dict[Tuple[str, str, str], Dict[int, List[dict]]] = {}
+Setup = Tuple[str, str, str]  # (budget, precision, plans): cells are compared only within one set-up
+REFERENCES = ("scratch", "scratch_long")
+FAIL_BELOW = 0.5  # a run "loses a class" when a class scores below this test Dice
+
+
+def _setup(row: dict) -> Setup:
+    return row["budget"], row["precision"], row.get("plans", "")
+
+
+def _groups(rows: List[dict]) -> Dict[Setup, Dict[str, Dict[int, Dict[int, dict]]]]:
+    """set-up -> method [variant] -> k -> seed -> row, methods in METHODS order."""
+    out: Dict[Setup, Dict[str, Dict[int, Dict[int, dict]]]] = {}
     for r in sorted(rows, key=_order):
-        out.setdefault((r["budget"], r["precision"], display_name(r)), {}).setdefault(r["labeled"], []).append(r)
+        out.setdefault(_setup(r), {}).setdefault(display_name(r), {}).setdefault(r["labeled"], {})[r["seed"]] = r
     return out
 
 
-def _mean_sd(values: List[float]) -> str:
-    if len(values) == 1:
-        return f"{values[0]:.3f} (n=1)"
-    return f"{statistics.mean(values):.3f} ± {statistics.stdev(values):.3f} (n={len(values)})"
+def _fmt_ci(mean: float, low: float, high: float) -> str:
+    return f"{mean:.3f} [{low:.3f}, {high:.3f}]"
 
 
-def markdown_table(rows: List[dict], class_cols: List[str], names: Dict[str, str], s: Settings) -> str:
-    ks = sorted({r["labeled"] for r in rows})
-    groups = _groups(rows)
-    lines = [f"Test-set Dice on {rows[0]['dataset']} ({rows[0]['num_test']} test cases), mean ± sd over seeds; "
-             f"nnU-Net's evaluation.", "",
-             "| budget | precision | method | iterations (pretrain + fine-tune) | "
-             + " | ".join(f"k={k}" for k in ks) + " |",
-             "|---" * (4 + len(ks)) + "|"]
-    for (budget, prec, method), by_k in groups.items():
-        any_row = next(iter(by_k.values()))[0]
-        it = f"{any_row['pretrain_iterations']} + {any_row['finetune_iterations']}"
-        cells = [_mean_sd([r["mean_dice"] for r in by_k[k]]) if k in by_k else "–" for k in ks]
-        lines.append(f"| {budget} | {prec} | {method} | {it} | " + " | ".join(cells) + " |")
-    lines += ["", "Per class (mean over seeds):", "",
+def _min_class(row: dict) -> float:
+    vals = [v for k, v in row.items() if k.startswith("dice_") and v == v]
+    return min(vals) if vals else float("nan")
+
+
+def markdown_table(rows: List[dict], class_cols: List[str], names: Dict[str, str]) -> str:
+    from nnunet_ssl.stats import mean_ci, paired_difference
+    lines = [f"Test-set Dice on {rows[0]['dataset']} ({rows[0]['num_test']} test cases); nnU-Net's evaluation. "
+             f"Dice: mean over seeds and test cases with its 95 % bootstrap CI. Δ: paired difference to the "
+             f"reference run with the same seed (same labelled cases) on the same test cases, mean [95 % CI] "
+             f"(bootstrap over seeds and test cases), then the number of seeds it wins. 'lost': runs with a class "
+             f"below {FAIL_BELOW} Dice.", ""]
+    for (budget, prec, plans), methods in _groups(rows).items():
+        lines += [f"### budget {budget}, {prec}" + (f", plans {plans}" if plans else ""), "",
+                  "| method | k | seeds | iterations (pretrain + fine-tune) | Dice | Δ scratch | wins | "
+                  "Δ scratch_long | wins | lost |", "|---" * 10 + "|"]
+        for method, by_k in methods.items():
+            for k in sorted(by_k):
+                cells = by_k[k]
+                any_row = next(iter(cells.values()))
+                its = f"{any_row['pretrain_iterations']} + {any_row['finetune_iterations']}"
+                dice = _fmt_ci(*mean_ci(list(cells.values())))
+                diffs = []
+                for ref in REFERENCES:
+                    d = None if method == ref or ref not in methods else \
+                        paired_difference(cells, methods[ref].get(k, {}))
+                    diffs += [f"{d.mean:+.3f} [{d.low:+.3f}, {d.high:+.3f}]", f"{d.wins}/{d.n_seeds}"] if d \
+                        else ["–", "–"]
+                lost = sum(_min_class(r) < FAIL_BELOW for r in cells.values())
+                lines.append(f"| {method} | {k} | {len(cells)} | {its} | {dice} | " + " | ".join(diffs)
+                             + f" | {lost}/{len(cells)} |")
+        lines.append("")
+    lines += ["Per class (mean over seeds):", "",
               "| budget | precision | method | k | " + " | ".join(names.get(c[5:], c[5:]) for c in class_cols) + " |",
               "|---" * (4 + len(class_cols)) + "|"]
-    for (budget, prec, method), by_k in groups.items():
-        for k in sorted(by_k):
-            vals = [statistics.mean(r.get(c, float("nan")) for r in by_k[k]) for c in class_cols]
-            lines.append(f"| {budget} | {prec} | {method} | {k} | " + " | ".join(f"{v:.3f}" for v in vals) + " |")
+    for (budget, prec, _), methods in _groups(rows).items():
+        for method, by_k in methods.items():
+            for k in sorted(by_k):
+                vals = [statistics.mean(r.get(c, float("nan")) for r in by_k[k].values()) for c in class_cols]
+                lines.append(f"| {budget} | {prec} | {method} | {k} | " + " | ".join(f"{v:.3f}" for v in vals)
+                             + " |")
     pre = {}
     for r in rows:
         if r["pretrain_trainer"]:
@@ -473,29 +575,45 @@ def markdown_table(rows: List[dict], class_cols: List[str], names: Dict[str, str
 
 
 def plot(rows: List[dict], path: Path, title: str) -> None:
+    """Left: Dice against k with 95 % CI bands; right: paired difference to scratch with its CI band."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    from nnunet_ssl.stats import mean_ci, paired_difference
     groups = _groups(rows)
-    fig, ax = plt.subplots(figsize=(9, 4.5))
-    n = len(groups)
-    for i, ((budget, prec, method), by_k) in enumerate(groups.items()):
-        ks = sorted(by_k)
-        means = [statistics.mean(r["mean_dice"] for r in by_k[k]) for k in ks]
-        sds = [statistics.stdev([r["mean_dice"] for r in by_k[k]]) if len(by_k[k]) > 1 else 0.0 for k in ks]
-        shift = [k * (1 + 0.02 * (i - (n - 1) / 2)) for k in ks]  # small offsets keep error bars apart
-        ax.errorbar(shift, means, yerr=sds, marker="o", capsize=3,
-                    label=method if len({(b, p) for b, p, _ in groups}) == 1 else f"{method} ({budget}, {prec})")
-    ax.set_xscale("log")
+    several = len(groups) > 1
+    fig, (ax, ax_d) = plt.subplots(1, 2, figsize=(12, 4.5))
+    for (budget, prec, plans), methods in groups.items():
+        for method, by_k in methods.items():
+            label = f"{method} ({budget}, {prec}, {plans})" if several else method
+            ks = sorted(by_k)
+            stats = [mean_ci(list(by_k[k].values())) for k in ks]
+            line, = ax.plot(ks, [m for m, _, _ in stats], marker="o", label=label)
+            ax.fill_between(ks, [lo for _, lo, _ in stats], [hi for _, _, hi in stats], color=line.get_color(),
+                            alpha=0.15, linewidth=0)
+            if method == "scratch" or "scratch" not in methods:
+                continue
+            dk = [(k, paired_difference(by_k[k], methods["scratch"].get(k, {}))) for k in ks]
+            dk = [(k, d) for k, d in dk if d is not None]
+            if dk:
+                ax_d.plot([k for k, _ in dk], [d.mean for _, d in dk], marker="o", color=line.get_color(),
+                          label=label)
+                ax_d.fill_between([k for k, _ in dk], [d.low for _, d in dk], [d.high for _, d in dk],
+                                  color=line.get_color(), alpha=0.15, linewidth=0)
     ks_all = sorted({r["labeled"] for r in rows})
-    ax.set_xticks(ks_all, [str(k) for k in ks_all])
-    ax.set_xticks([], minor=True)  # the log axis' own minor labels (e.g. "6x10^0") would sit between the k values
-    ax.set_xlabel("labelled cases for fine-tuning")
-    ax.set_ylabel("mean test Dice")
+    for a in (ax, ax_d):
+        a.set_xscale("log")
+        a.set_xticks(ks_all, [str(k) for k in ks_all])
+        a.set_xticks([], minor=True)  # the log axis' own minor labels would sit between the k values
+        a.set_xlabel("labelled cases for fine-tuning")
+    ax.set_ylabel("mean test Dice (95 % CI)")
     ax.set_ylim(0, 1)
     ax.set_title(title)
-    ax.legend(fontsize=8, loc="center left", bbox_to_anchor=(1.01, 0.5))  # outside: curves cross the middle
+    ax_d.axhline(0.0, color="black", linewidth=0.8)
+    ax_d.set_ylabel("Dice − scratch, paired (95 % CI)")
+    ax_d.set_title("difference to scratch")
+    ax_d.legend(fontsize=8, loc="center left", bbox_to_anchor=(1.01, 0.5))
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
@@ -510,13 +628,14 @@ def _method_trainer(arg: str) -> Tuple[str, str]:
 
 def main_benchmark(args) -> int:
     budget = "quick" if args.quick else args.budget
-    methods = tuple(args.methods) if args.methods else tuple(METHODS)
-    labeled = tuple(args.labeled) if args.labeled else ((5,) if args.quick else (5, 20))
-    seeds = tuple(args.seeds) if args.seeds else ((0,) if args.quick else (0, 1))
+    methods = tuple(args.methods) if args.methods else DEFAULT_METHODS
+    labeled = tuple(args.labeled) if args.labeled else ((5,) if args.quick else DEFAULT_LABELED)
+    seeds = tuple(args.seeds) if args.seeds else ((0,) if args.quick else DEFAULT_SEEDS)
     s = Settings(dataset=str(args.d), work_dir=args.work_dir, methods=methods, labeled=labeled, seeds=seeds,
                  budget=budget, precision=args.precision, device=args.device, configuration=args.c,
                  test_raw=args.test_raw, test_fraction=args.test_fraction, split_seed=args.split_seed,
                  num_processes=args.np, finetune_trainer=args.finetune_trainer, planner=args.planner,
+                 pretrained_finetune_trainer=args.pretrained_finetune_trainer, cells_dir=args.cells_dir,
                  pretrain_trainers=tuple(_method_trainer(a) for a in args.pretrain_trainer or ()))
     work = Path(s.work_dir)
     work.mkdir(parents=True, exist_ok=True)

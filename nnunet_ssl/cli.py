@@ -199,9 +199,12 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--work-dir", default="nnunet_ssl_benchmark",
                    help="all outputs (own nnUNet_raw/_preprocessed/_results, results.*); rerun to resume")
     s.add_argument("--methods", nargs="+", default=None,
-                   help="default: scratch scratch_long simclr pcl spade spade_soft drasclr")
-    s.add_argument("--labeled", nargs="+", type=int, default=None, help="labelled cases k (default 5 20)")
-    s.add_argument("--seeds", nargs="+", type=int, default=None, help="fine-tuning seeds (default 0 1)")
+                   help="default: scratch scratch_long stock simclr spade spade_soft (also: pcl drasclr)")
+    s.add_argument("--labeled", nargs="+", type=int, default=None, help="labelled cases k (default 2 5 10)")
+    s.add_argument("--seeds", nargs="+", type=int, default=None, help="fine-tuning seeds (default 0 1 2 3 4)")
+    s.add_argument("--cells-dir", default=None,
+                   help="where finished cells are kept and looked up (default WORK_DIR/cells); a folder in a "
+                        "repository lets a fresh machine continue a long benchmark instead of starting over")
     s.add_argument("--budget", choices=["cpu", "gpu"], default="cpu",
                    help="cpu: small network, fixed short schedules; gpu: standard plans and schedules")
     s.add_argument("--quick", action="store_true", help="smoke scale (tiny network, 2-epoch trainers, k=5, one "
@@ -213,8 +216,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--test-fraction", type=float, default=0.25)
     s.add_argument("--split-seed", type=int, default=0, help="seed of the pool/test split")
     s.add_argument("--finetune-trainer", default=None,
-                   help="fine-tune with this trainer instead of the budget's (investigations; cells are named after "
-                        "it, so they sit next to the default cells in the same work dir)")
+                   help="fine-tune 'scratch' with this trainer instead of the budget's (investigations; cells are "
+                        "named after it, so they sit next to the default cells in the same work dir)")
+    s.add_argument("--pretrained-finetune-trainer", default=None,
+                   help="fine-tune the pretrained starts with this trainer instead of the budget's recipe")
     s.add_argument("--planner", default=None,
                    help="plan with this planner instead of the budget's (e.g. nnUNetPlannerCPUWide); its plans name "
                         "is part of the cells' names")

@@ -137,5 +137,9 @@ def evaluate(labels_dir: Path, predictions_dir: Path, dataset_json: Path, plans_
                                str(out), num_processes=num_processes, chill=False)
     summary = json.loads(out.read_text())
     per_class = {k: v["Dice"] for k, v in summary["mean"].items()}
+    labels = sorted(per_class, key=int)
+    # per test case: Dice of each foreground class (the paired bootstrap of the benchmark resamples cases)
+    per_case = {Path(c["reference_file"]).name: [c["metrics"][lb]["Dice"] for lb in labels]
+                for c in summary["metric_per_case"]}
     return {"mean": float(summary["foreground_mean"]["Dice"]), "per_class": per_class,
-            "num_cases": len(summary["metric_per_case"])}
+            "num_cases": len(summary["metric_per_case"]), "per_case": per_case}

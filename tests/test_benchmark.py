@@ -4,6 +4,7 @@ import json
 import subprocess
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from conftest import BIN, clean_env, run
@@ -69,28 +70,42 @@ def test_scratch_long_matches_pretraining_plus_finetuning(budget):
     assert len(pre) == 1 and its["finetune_long"] == its["finetune"] + pre.pop()
 
 
-def test_reports_mean_and_sd_over_seeds(tmp_path):
+def _row(method, seed, per_case, variant="", k=5):
+    mean = float(np.mean([np.mean(v) for v in per_case.values()]))
+    return {"method": method, "variant": variant, "labeled": k, "seed": seed, "precision": "fp32", "budget": "cpu",
+            "plans": "P", "dataset": "DatasetX", "pretrain_trainer": "S_cpu" if bm.METHODS[method] else "",
+            "finetune_trainer": "F", "pretrain_iterations": 10 if bm.METHODS[method] else 0,
+            "finetune_iterations": 20, "total_iterations": 20, "num_test": len(per_case), "mean_dice": mean,
+            "per_case": per_case, "dice_1": float(np.mean([v[0] for v in per_case.values()])),
+            "dice_2": float(np.mean([v[1] for v in per_case.values()])), "pretrain_s": 1.0, "finetune_s": 2.0,
+            "predict_s": 3.0}
+
+
+def test_reports_paired_differences_ci_wins_and_lost_classes(tmp_path):
     (tmp_path / "cells").mkdir()
-    rows = []
-    for method, dices in (("scratch", (0.5, 0.7)), ("spade", (0.6, 0.8))):
-        for seed, d in enumerate(dices):
-            rows.append({"method": method, "labeled": 5, "seed": seed, "precision": "fp32", "budget": "cpu",
-                         "dataset": "DatasetX", "pretrain_trainer": "" if method == "scratch" else "S_cpu",
-                         "finetune_trainer": "F", "pretrain_iterations": 0 if method == "scratch" else 10,
-                         "finetune_iterations": 20, "total_iterations": 20, "num_test": 4, "mean_dice": d,
-                         "dice_1": d, "dice_2": d / 2, "pretrain_s": 1.0, "finetune_s": 2.0, "predict_s": 3.0})
+    scratch = [{"c1": [0.8, 0.6], "c2": [0.7, 0.3]}, {"c1": [0.6, 0.6], "c2": [0.6, 0.6]}]
+    spade = [{"c1": [0.9, 0.7], "c2": [0.8, 0.6]}, {"c1": [0.7, 0.6], "c2": [0.5, 0.6]}]
+    rows = [_row("scratch", s, pc) for s, pc in enumerate(scratch)] + \
+        [_row("spade", s, pc) for s, pc in enumerate(spade)]
     for i, r in enumerate(rows):
         (tmp_path / "cells" / f"{i}.json").write_text(json.dumps(r))
     s = bm.Settings("990", str(tmp_path), ("scratch", "spade"), (5,), (0, 1), "cpu")
     bm.write_reports(tmp_path, {"labels": {"background": 0, "a": 1, "b": 2}}, s)
     md = (tmp_path / "results.md").read_text()
-    assert "| cpu | fp32 | scratch | 0 + 20 | 0.600 ± 0.141 (n=2) |" in md
-    assert "| cpu | fp32 | spade | 10 + 20 | 0.700 ± 0.141 (n=2) |" in md
+    line = next(ln for ln in md.splitlines() if ln.startswith("| spade | 5 |"))
+    cols = [c.strip() for c in line.strip("|").split("|")]
+    # per case mean over classes: scratch (0.7, 0.5 | 0.6, 0.6), spade (0.8, 0.7 | 0.65, 0.55)
+    assert cols[2] == "2" and cols[3] == "10 + 20"
+    assert cols[4].startswith("0.675 [")
+    assert cols[5].startswith("+0.075 [") and cols[6] == "1/2"  # seed 0 wins (+0.15), seed 1 ties (0.0)
+    assert cols[7] == "–" and cols[9] == "0/2"  # no scratch_long cells; every spade class mean >= 0.6
+    scratch_line = next(ln for ln in md.splitlines() if ln.startswith("| scratch | 5 |"))
+    assert scratch_line.rstrip().endswith("| 1/2 |")  # scratch seed 0 lost class b on average (0.45 < 0.5)
     assert "| a | b |" in md
     with open(tmp_path / "results.csv") as f:
         table = list(csv.DictReader(f))
     assert len(table) == 4 and [r["method"] for r in table] == ["scratch", "scratch", "spade", "spade"]
-    assert float(table[3]["dice_2"]) == pytest.approx(0.4)
+    assert float(table[3]["dice_2"]) == pytest.approx(0.6)
     assert (tmp_path / "results.png").stat().st_size > 1000
 
 
@@ -98,30 +113,35 @@ def test_trainer_overrides_name_their_cells_and_report_apart(tmp_path):
     over = {"spade": "SpadePretrainTrainer_cpu_t03"}
     assert bm.cell_variant("scratch", None, over) == ""  # scratch cells are shared with the default run
     assert bm.cell_variant("spade", None, over) == "SpadePretrainTrainer_cpu_t03"
-    assert bm.cell_variant("spade", "nnUNetTrainerFinetune_cpu_80ep_lr3e3", over) == \
-        "SpadePretrainTrainer_cpu_t03+nnUNetTrainerFinetune_cpu_80ep_lr3e3"
+    assert bm.cell_variant("spade", "nnUNetTrainerFinetune_cpu_80ep_lr3e3", over,
+                           "nnUNetTrainerPretrainedFinetune_cpu") == \
+        "SpadePretrainTrainer_cpu_t03+nnUNetTrainerPretrainedFinetune_cpu"
+    assert bm.cell_variant("scratch", "nnUNetTrainerFinetune_cpu_80ep_lr3e3", over) == \
+        "nnUNetTrainerFinetune_cpu_80ep_lr3e3"
     assert bm.cell_variant("scratch_long", "nnUNetTrainerFinetune_cpu_80ep_lr3e3", {}) == ""
     budget = bm.BUDGETS["cpu"]
+    assert bm.finetune_trainer_of("spade", budget) == budget.finetune_pretrained_trainer
+    assert bm.finetune_trainer_of("scratch", budget) == budget.finetune_trainer
+    assert bm.finetune_trainer_of("stock", budget) == "nnUNetTrainerWallClock"
     its = bm.check_budget(budget, ["scratch", "spade"], None, {"spade": "SpadePretrainTrainer_cpu_80ep"})
     assert its == {"finetune": 2000, "pretrain_spade": 2000}
     with pytest.raises(SystemExit, match="scratch_long"):  # 2000 + 2000 != 3000
         bm.check_budget(budget, ["scratch_long", "spade"], None, {"spade": "SpadePretrainTrainer_cpu_80ep"})
+    with pytest.raises(SystemExit, match="equal fine-tuning lengths"):
+        bm.check_budget(budget, ["scratch", "spade"], None, {}, "nnUNetTrainerPretrainedFinetune_smoke")
+    with pytest.raises(SystemExit, match="add 'scratch'"):
+        bm.check_budget(budget, ["stock"], None, {})
     with pytest.raises(SystemExit, match="METHOD=TRAINER"):
         bm._method_trainer("SpadePretrainTrainer_cpu_t03")
 
     (tmp_path / "cells").mkdir()
     for i, (variant, d) in enumerate((("", 0.5), ("SpadePretrainTrainer_cpu_t03", 0.9))):
-        row = {"method": "spade", "variant": variant, "labeled": 5, "seed": 0, "precision": "bf16", "budget": "cpu",
-               "dataset": "DatasetX", "pretrain_trainer": variant or "SpadePretrainTrainer_cpu",
-               "finetune_trainer": "F", "pretrain_iterations": 10, "finetune_iterations": 20,
-               "total_iterations": 30, "num_test": 4, "mean_dice": d, "dice_1": d, "pretrain_s": 1.0,
-               "finetune_s": 2.0, "predict_s": 3.0}
-        (tmp_path / "cells" / f"{i}.json").write_text(json.dumps(row))
+        (tmp_path / "cells" / f"{i}.json").write_text(json.dumps(_row("spade", 0, {"c": [d, d]}, variant)))
     bm.write_reports(tmp_path, {"labels": {"background": 0, "a": 1}},
                      bm.Settings("990", str(tmp_path), ("spade",), (5,), (0,), "cpu"))
     md = (tmp_path / "results.md").read_text()
-    assert "| cpu | bf16 | spade | 10 + 20 | 0.500 (n=1) |" in md
-    assert "| cpu | bf16 | spade [SpadePretrainTrainer_cpu_t03] | 10 + 20 | 0.900 (n=1) |" in md
+    assert "| spade | 5 | 1 | 10 + 20 | 0.500 [0.500, 0.500] |" in md
+    assert "| spade [SpadePretrainTrainer_cpu_t03] | 5 | 1 | 10 + 20 | 0.900 [0.900, 0.900] |" in md
 
 
 def test_unknown_method_and_dataset_fail_clearly(tmp_path):

@@ -6,7 +6,9 @@ from nnunet_ssl.trainers.drasclr import DrasCLRPretrainTrainer, DrasCLRPretrainT
 from nnunet_ssl.trainers.finetune import (nnUNetTrainerFinetune, nnUNetTrainerFinetune_cpu,
                                           nnUNetTrainerFinetune_cpu_80ep, nnUNetTrainerFinetune_cpu_120ep,
                                           nnUNetTrainerFinetune_long, nnUNetTrainerFinetune_smoke,
-                                          nnUNetTrainerFinetune_smoke_long)
+                                          nnUNetTrainerFinetune_smoke_long, nnUNetTrainerPretrainedFinetune,
+                                          nnUNetTrainerPretrainedFinetune_cpu, nnUNetTrainerPretrainedFinetune_smoke)
+from nnunet_ssl.trainers.stock import nnUNetTrainerWallClock
 from nnunet_ssl.trainers.investigation import (DrasCLRPretrainTrainer_cpu_m99, SpadePretrainTrainer_cpu_80ep,
                                                SpadePretrainTrainer_cpu_narrow, SpadePretrainTrainer_cpu_t03,
                                                SpadePretrainTrainer_cpu_wide,
@@ -32,6 +34,8 @@ SEGMENTATION_TRAINERS = {c.__name__: c for c in (
     nnUNetTrainerFinetune, nnUNetTrainerFinetune_cpu, nnUNetTrainerFinetune_cpu_80ep, nnUNetTrainerFinetune_smoke,
     nnUNetTrainerFinetune_long, nnUNetTrainerFinetune_cpu_120ep, nnUNetTrainerFinetune_smoke_long,
     nnUNetTrainerFinetune_cpu_80ep_lr3e3, nnUNetTrainerFinetune_cpu_80ep_warmup20,
+    nnUNetTrainerPretrainedFinetune, nnUNetTrainerPretrainedFinetune_cpu, nnUNetTrainerPretrainedFinetune_smoke,
+    nnUNetTrainerWallClock,
     PDCRTrainer, PDCRTrainer_smoke, PDCRUAFSTrainer, PDCRUAFSTrainer_smoke)}
 
 __all__ = list(PRETRAINING_TRAINERS) + list(SEGMENTATION_TRAINERS) + ["PRETRAINING_TRAINERS",

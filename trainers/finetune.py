@@ -8,20 +8,60 @@ import os
 from typing import Union
 
 import torch
+from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 from nnunetv2.training.nnUNetTrainer.variants.lr_schedule.nnUNetTrainer_warmup import nnUNetTrainer_warmup
 
 from nnunet_ssl.nnunet.checkpoint import CrashSafeCheckpointsMixin, load_checkpoint_file
 from nnunet_ssl.nnunet.cpu_fast import CPUFastPathMixin
 from nnunet_ssl.nnunet.engine import unwrap
 from nnunet_ssl.nnunet.progress import ThrottledProgressPlotMixin
+from nnunet_ssl.nnunet.recipe import Recipe, RecipeLRScheduler, parameter_groups
 
 SKIP_FINAL_VALIDATION = "NNUNET_SSL_SKIP_FINAL_VALIDATION"
 
 
-class nnUNetTrainerFinetune(CrashSafeCheckpointsMixin, CPUFastPathMixin, ThrottledProgressPlotMixin,
+class FinetuneRunMixin:
+    """What every fine-tuning trainer of the plugin shares: skipping nnU-Net's final validation inside the benchmark,
+    and a ``load_checkpoint`` that works for ``--c`` (nnU-Net's own fails on a dict, and nnUNetTrainer_warmup's calls
+    torch.load without weights_only=False, which torch >= 2.6 refuses for nnU-Net's log). The optimizer of the
+    checkpoint's epoch (``optimizer_for_epoch``) is set up before its state is loaded."""
+
+    def perform_actual_validation(self, save_probabilities: bool = False):
+        # nnunet-ssl benchmark scores its models on a held-out test set with nnUNetv2_predict; nnU-Net's final
+        # validation of the monitoring cases would only cost time there
+        if os.environ.get(SKIP_FINAL_VALIDATION) == "1":
+            self.print_to_log_file(f"{SKIP_FINAL_VALIDATION}=1: skipping nnU-Net's final validation")
+            return
+        super().perform_actual_validation(save_probabilities)
+
+    def optimizer_for_epoch(self, epoch: int):
+        return self.configure_optimizers()
+
+    def load_checkpoint(self, filename_or_checkpoint: Union[dict, str]) -> None:
+        if not self.was_initialized:
+            self.initialize()
+        ckpt = (load_checkpoint_file(filename_or_checkpoint, self.device)
+                if isinstance(filename_or_checkpoint, str) else filename_or_checkpoint)
+        network = unwrap(self.network)
+        own = network.state_dict().keys()
+        network.load_state_dict({k[7:] if k not in own and k.startswith("module.") else k: v
+                                 for k, v in ckpt["network_weights"].items()})
+        self.my_init_kwargs = ckpt["init_args"]
+        self.current_epoch = ckpt["current_epoch"]
+        self.logger.load_checkpoint(ckpt["logging"])
+        self._best_ema = ckpt["_best_ema"]
+        self.inference_allowed_mirroring_axes = ckpt.get("inference_allowed_mirroring_axes",
+                                                         self.inference_allowed_mirroring_axes)
+        self.optimizer, self.lr_scheduler = self.optimizer_for_epoch(self.current_epoch)
+        self.optimizer.load_state_dict(ckpt["optimizer_state"])
+        if self.grad_scaler is not None and ckpt.get("grad_scaler_state") is not None:
+            self.grad_scaler.load_state_dict(ckpt["grad_scaler_state"])
+
+
+class nnUNetTrainerFinetune(FinetuneRunMixin, CrashSafeCheckpointsMixin, CPUFastPathMixin, ThrottledProgressPlotMixin,
                             nnUNetTrainer_warmup):
     """nnU-Net's warm-up trainer with the budget as class attributes; on CPUs with native bf16 it trains with bf16
-    autocast + channels-last (``cpu_bf16``, see nnunet_ssl.nnunet.cpu_fast)."""
+    autocast + channels-last (``cpu_bf16``, see nnunet_ssl.nnunet.cpu_fast). The from-scratch recipe."""
 
     num_epochs = 1000
     warmup_epochs = 50
@@ -39,38 +79,52 @@ class nnUNetTrainerFinetune(CrashSafeCheckpointsMixin, CPUFastPathMixin, Throttl
         self.num_val_iterations_per_epoch = cls.num_val_iterations_per_epoch
         self.initial_lr = cls.initial_lr
 
-    def perform_actual_validation(self, save_probabilities: bool = False):
-        # nnunet-ssl benchmark scores its models on a held-out test set with nnUNetv2_predict; nnU-Net's final
-        # validation of the monitoring cases would only cost time there
-        if os.environ.get(SKIP_FINAL_VALIDATION) == "1":
-            self.print_to_log_file(f"{SKIP_FINAL_VALIDATION}=1: skipping nnU-Net's final validation")
-            return
-        super().perform_actual_validation(save_probabilities)
+    def optimizer_for_epoch(self, epoch: int):
+        return self.configure_optimizers("warmup_all" if epoch < self.warmup_duration_whole_net else "train")
 
-    def load_checkpoint(self, filename_or_checkpoint: Union[dict, str]) -> None:
-        # nnUNetTrainer_warmup.load_checkpoint calls torch.load without weights_only=False (torch >= 2.6 refuses the
-        # numpy scalars in nnU-Net's log) and, like nnUNetTrainer's, fails on a dict, so `--c` never worked for it.
-        # Same steps here; the optimizer of the checkpoint's stage (warm-up or poly schedule) is set up before its
-        # state is loaded.
-        if not self.was_initialized:
-            self.initialize()
-        ckpt = (load_checkpoint_file(filename_or_checkpoint, self.device)
-                if isinstance(filename_or_checkpoint, str) else filename_or_checkpoint)
-        network = unwrap(self.network)
-        own = network.state_dict().keys()
-        network.load_state_dict({k[7:] if k not in own and k.startswith("module.") else k: v
-                                 for k, v in ckpt["network_weights"].items()})
-        self.my_init_kwargs = ckpt["init_args"]
-        self.current_epoch = ckpt["current_epoch"]
-        self.logger.load_checkpoint(ckpt["logging"])
-        self._best_ema = ckpt["_best_ema"]
-        self.inference_allowed_mirroring_axes = ckpt.get("inference_allowed_mirroring_axes",
-                                                         self.inference_allowed_mirroring_axes)
-        stage = "warmup_all" if self.current_epoch < self.warmup_duration_whole_net else "train"
-        self.optimizer, self.lr_scheduler = self.configure_optimizers(stage)
-        self.optimizer.load_state_dict(ckpt["optimizer_state"])
-        if self.grad_scaler is not None and ckpt.get("grad_scaler_state") is not None:
-            self.grad_scaler.load_state_dict(ckpt["grad_scaler_state"])
+
+class nnUNetTrainerPretrainedFinetune(FinetuneRunMixin, CrashSafeCheckpointsMixin, CPUFastPathMixin,
+                                     ThrottledProgressPlotMixin, nnUNetTrainer):
+    """Fine-tuning recipe for pretrained starts (nnunet_ssl.nnunet.recipe; documented in README "Fine-tuning").
+
+    Peak lr ``initial_lr`` (1e-3: pretrained weights need a smaller step than nnU-Net's 1e-2 from scratch), linear
+    warm-up of the whole network over ``warmup_fraction`` of the epochs, then nnU-Net's poly decay. Options, as
+    fractions of the run: ``probe_fraction`` (LP-FT: segmentation layers alone first), ``decoder_warmup_fraction``
+    (the sawtooth: decoder-only warm-up before the whole-network one; the encoder stays frozen, including its
+    ``decoder.encoder.*`` aliases), and ``layer_decay`` (encoder stage i of S at lr · layer_decay^(S-1-i))."""
+
+    num_epochs = 1000
+    num_iterations_per_epoch = 250
+    num_val_iterations_per_epoch = 50
+    initial_lr = 1e-3
+    warmup_fraction = 0.1
+    decoder_warmup_fraction = 0.0
+    probe_fraction = 0.0
+    layer_decay = 1.0
+
+    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
+                 device: torch.device = torch.device("cuda")):
+        super().__init__(plans, configuration, fold, dataset_json, device)
+        cls = type(self)
+        self.num_epochs = cls.num_epochs
+        self.num_iterations_per_epoch = cls.num_iterations_per_epoch
+        self.num_val_iterations_per_epoch = cls.num_val_iterations_per_epoch
+        self.initial_lr = cls.initial_lr
+        epochs = lambda f: int(round(f * cls.num_epochs)) if f > 0 else 0  # noqa: E731
+        self.recipe = Recipe(cls.num_epochs, epochs(cls.probe_fraction), epochs(cls.decoder_warmup_fraction),
+                             max(1, epochs(cls.warmup_fraction)) if cls.warmup_fraction > 0 else 0)
+
+    def configure_optimizers(self):
+        groups = parameter_groups(unwrap(self.network), self.layer_decay)
+        optimizer = torch.optim.SGD(groups, self.initial_lr, weight_decay=self.weight_decay, momentum=0.99,
+                                    nesterov=True)
+        return optimizer, RecipeLRScheduler(optimizer, self.initial_lr, self.recipe)
+
+    def on_train_epoch_start(self):
+        super().on_train_epoch_start()  # steps the recipe's scheduler (phase, lr, frozen weights)
+        lr = max(g["lr"] for g in self.optimizer.param_groups)
+        self.logger.log("lrs", lr, self.current_epoch)
+        self.print_to_log_file(f"fine-tuning phase {self.lr_scheduler.current_phase}, peak group lr {lr:.2e}")
 
 
 class nnUNetTrainerFinetune_cpu(nnUNetTrainerFinetune):
@@ -113,3 +167,21 @@ class nnUNetTrainerFinetune_cpu_120ep(nnUNetTrainerFinetune_cpu_80ep):
 class nnUNetTrainerFinetune_smoke_long(nnUNetTrainerFinetune_smoke):
     """4 epochs x 2: the *_smoke pretraining budget + nnUNetTrainerFinetune_smoke."""
     num_epochs = 4
+
+
+class nnUNetTrainerPretrainedFinetune_cpu(nnUNetTrainerPretrainedFinetune):
+    """CPU budget of the pretrained-start recipe: 80 x 25 iterations (as nnUNetTrainerFinetune_cpu_80ep)."""
+    num_epochs = 80
+    num_iterations_per_epoch = 25
+    num_val_iterations_per_epoch = 1
+    progress_plot_every = 10
+
+
+class nnUNetTrainerPretrainedFinetune_smoke(nnUNetTrainerPretrainedFinetune):
+    """4 epochs x 2 iterations, every phase one epoch: set-up check only."""
+    num_epochs = 4
+    num_iterations_per_epoch = 2
+    num_val_iterations_per_epoch = 1
+    probe_fraction = 0.25
+    decoder_warmup_fraction = 0.25
+    warmup_fraction = 0.25

@@ -33,3 +33,11 @@ class nnUNetTrainerFinetune_crashtest(nnUNetTrainerFinetune_smoke):
         super().on_epoch_end()
         if str(epoch) == os.environ.get("NNUNET_SSL_TEST_CRASH_AFTER_EPOCH"):
             os._exit(17)
+
+
+from nnunet_ssl.trainers.stock import nnUNetTrainerWallClock  # noqa: E402
+
+
+class nnUNetTrainerWallClock_test(nnUNetTrainerWallClock):
+    """Epochs of 2 iterations, so that a few seconds of budget hold several epochs."""
+    num_iterations_per_epoch = 2
