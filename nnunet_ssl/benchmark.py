@@ -613,7 +613,8 @@ def plot(rows: List[dict], path: Path, title: str) -> None:
     ax_d.axhline(0.0, color="black", linewidth=0.8)
     ax_d.set_ylabel("Dice − scratch, paired (95 % CI)")
     ax_d.set_title("difference to scratch")
-    ax_d.legend(fontsize=8, loc="center left", bbox_to_anchor=(1.01, 0.5))
+    if ax_d.get_legend_handles_labels()[0]:
+        ax_d.legend(fontsize=8, loc="center left", bbox_to_anchor=(1.01, 0.5))
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)

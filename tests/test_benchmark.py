@@ -162,17 +162,24 @@ def test_benchmark_end_to_end_and_resume(phantom_raw, tmp_path):
     env = {k: v for k, v in clean_env(tmp_path).items() if k not in ("nnUNet_preprocessed", "nnUNet_results")}
     env["nnUNet_raw"] = str(phantom_raw)
     work = tmp_path / "w"
-    cmd = [BIN / "nnunet-ssl", "benchmark", "-d", "990", "--quick", "--methods", "scratch", "spade",
+    cmd = [BIN / "nnunet-ssl", "benchmark", "-d", "990", "--quick", "--methods", "scratch", "stock", "spade",
            "--labeled", "3", "--seeds", "0", "--test-raw", phantom_raw / "Dataset990_SSLPhantom",
            "--work-dir", work, "--precision", "fp32"]
     first = run(cmd, env, timeout=1200)
     assert "seed=0: pretraining SpadePretrainTrainer_smoke" in first.stdout and "seed=0: fine-tuning" in first.stdout
     with open(work / "results.csv") as f:
         rows = list(csv.DictReader(f))
-    assert sorted((r["method"], r["seed"]) for r in rows) == [("scratch", "0"), ("spade", "0")]
+    assert sorted((r["method"], r["seed"]) for r in rows) == [("scratch", "0"), ("spade", "0"), ("stock", "0")]
     for r in rows:
         assert r["num_test"] == "3" and 0 <= float(r["mean_dice"]) <= 1 and r["budget"] == "quick"
         assert {"dice_1", "dice_2", "dice_3", "dice_4"} <= set(r)
+    cells = {json.loads(p.read_text())["method"]: json.loads(p.read_text()) for p in (work / "cells").glob("*.json")}
+    assert sorted(cells["spade"]["per_case"]) == ["phantom_012.nii.gz", "phantom_013.nii.gz", "phantom_014.nii.gz"]
+    assert all(len(v) == 4 for v in cells["spade"]["per_case"].values())  # one Dice per class
+    # stock nnU-Net trained for scratch's training time, in epochs of 25 iterations
+    assert cells["scratch"]["train_s"] > 0 and cells["stock"]["finetune_trainer"] == "nnUNetTrainerWallClock"
+    assert cells["stock"]["finetune_iterations"] % 25 == 0 and cells["stock"]["train_s"] >= cells["scratch"]["train_s"]
+    assert cells["spade"]["finetune_trainer"] == "nnUNetTrainerPretrainedFinetune_smoke"
     spade = next(r for r in rows if r["method"] == "spade")
     assert spade["pretrain_iterations"] == "4" and spade["total_iterations"] == "8"
     # the pretraining fold is the pool, which is every imagesTr case and no test case
@@ -183,7 +190,7 @@ def test_benchmark_end_to_end_and_resume(phantom_raw, tmp_path):
     lost = next((work / "cells").glob("*spade__k3__s0.json"))
     lost.unlink()
     again = run(cmd, env, timeout=600)
-    assert again.stdout.count("done before") == 1 and "predicting" in again.stdout
+    assert again.stdout.count("done before") == 2 and "predicting" in again.stdout
     assert "seed=0: fine-tuning" not in again.stdout and "seed=0: pretraining" not in again.stdout
     assert lost.exists()
-    assert Path(work / "results.csv").read_text().count("\n") == 3
+    assert Path(work / "results.csv").read_text().count("\n") == 4

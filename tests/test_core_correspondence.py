@@ -3,7 +3,8 @@ import itertools
 import pytest
 import torch
 
-from nnunet_ssl.core.correspondence import argmin_last, downsample_coords, gather_at, sample_correspondences
+from nnunet_ssl.core.correspondence import (argmin_last, feature_grid, gather_at, sample_coords,
+                                             sample_correspondences)
 
 
 def _grid(shape, offset=(0.0, 0.0, 0.0)):
@@ -225,43 +226,109 @@ def _affine_field(shape, seed):
     return torch.einsum("cd,d...->c...", A, idx) + t.view(3, *([1] * nd)), A, t
 
 
-@pytest.mark.parametrize("shape,factor", [((8, 6, 4), (2, 2, 1)), ((8, 6, 4), (1, 3, 2)), ((6, 9), (2, 3))])
-def test_downsample_coords_affine_exact(shape, factor):
+@pytest.mark.parametrize("shape,scale,offset", [((8, 6, 4), (2, 2, 1), (0, 0, 0)), ((8, 6, 4), (1, 2, 2), (0, 0, 0)),
+                                                ((8, 6, 4), (2, 2, 2), (0.5, 0.5, 0.5)), ((6, 9), (2, 3), (0, 1))])
+def test_sample_coords_reads_affine_fields_exactly_at_the_centres(shape, scale, offset):
     field, A, t = _affine_field(shape, seed=len(shape))
     coords = field[None].float()
     valid = torch.ones(1, *shape, dtype=torch.bool)
-    c2, v2 = downsample_coords(coords, valid, factor)
-    out_shape = tuple(s // f for s, f in zip(shape, factor))
+    out_shape = tuple(-(-s // int(f)) for s, f in zip(shape, scale))
+    c2, v2 = sample_coords(coords, valid, scale, offset, out_shape)
     assert c2.shape == (1, 3, *out_shape) and v2.shape == (1, *out_shape)
-    assert v2.all()
-    # Block centre of output voxel j is j * f + (f - 1) / 2 in input index space.
-    axes = [torch.arange(s, dtype=torch.float64) * f + (f - 1) / 2 for s, f in zip(out_shape, factor)]
+    axes = [torch.arange(n, dtype=torch.float64) * f + o for n, f, o in zip(out_shape, scale, offset)]
     centres = torch.stack(torch.meshgrid(*axes, indexing="ij"))
     expected = torch.einsum("cd,d...->c...", A, centres) + t.view(3, *([1] * len(shape)))
-    torch.testing.assert_close(c2[0].double(), expected, rtol=0, atol=1e-4)
+    inside = torch.ones(out_shape, dtype=torch.bool)
+    for d, ax in enumerate(axes):  # a centre past the last voxel (offset 0.5 on the last block) is invalid
+        view = [1] * len(shape)
+        view[d] = -1
+        inside = inside & (ax <= shape[d] - 1).view(view)
+    assert torch.equal(v2[0], inside)
+    torch.testing.assert_close(c2[0].double()[:, inside], expected[:, inside], rtol=0, atol=1e-4)
 
 
-def test_downsample_valid_requires_whole_block():
+def test_sample_coords_validity_follows_the_voxels_read():
     valid = torch.ones(1, 4, 4, 4, dtype=torch.bool)
-    valid[0, 0, 0, 0] = False
-    valid[0, 3, 2, 1] = False
-    coords = _grid((4, 4, 4))[None]
-    _, v2 = downsample_coords(coords, valid, (2, 2, 2))
+    valid[0, 0, 0, 0] = False  # read by feature voxel (0,0,0) at stride 2, offset 0
+    valid[0, 3, 2, 1] = False  # read by no feature voxel at offset 0 ...
+    _, v2 = sample_coords(_grid((4, 4, 4))[None], valid, (2, 2, 2), (0, 0, 0), (2, 2, 2))
     expected = torch.ones(1, 2, 2, 2, dtype=torch.bool)
     expected[0, 0, 0, 0] = False
-    expected[0, 1, 1, 0] = False
     assert torch.equal(v2, expected)
+    # ... but by feature voxel (1,1,0) when the centres sit between voxels (interpolated from both neighbours)
+    _, v2 = sample_coords(_grid((4, 4, 4))[None], valid, (2, 2, 2), (0.5, 0.5, 0.5), (2, 2, 2))
+    assert not v2[0, 1, 1, 0] and not v2[0, 0, 0, 0] and v2.sum() == 6
 
 
-def test_downsample_partial_block_uses_covered_voxels():
-    coords = _grid((5, 4))[None]
-    valid = torch.ones(1, 5, 4, dtype=torch.bool)
-    c2, v2 = downsample_coords(coords, valid, (2, 2))
-    assert c2.shape == (1, 3, 3, 2)
-    # Last row block covers only input row 4.
-    torch.testing.assert_close(c2[0, 0, 2], torch.tensor([4.0, 4.0]))
-    torch.testing.assert_close(c2[0, 1, 2], torch.tensor([0.5, 2.5]))
-    assert v2.all()
+def test_feature_grid_composes_kernels_strides_and_paddings():
+    assert feature_grid([(3, 1, 1), (3, 1, 1), (3, 2, 1), (3, 1, 1), (3, 2, 1)]) == ((4.0,), (0.0,))
+    assert feature_grid([(2, 2, 0)]) == ((2.0,), (0.5,))  # a 2x2 non-overlapping block: its centre
+    assert feature_grid([((3, 3, 3), (1, 2, 2), (1, 1, 1))]) == ((1.0, 2.0, 2.0), (0.0, 0.0, 0.0))
+    assert feature_grid([(1, 1, 0), (4, 2, 1), (3, 2, 1)]) == ((4.0,), (0.5,))
+
+
+def _impulse_centres(convs, shape, out_index):
+    """Receptive-field centre (per axis) of one output voxel of a chain of the given conv modules, measured: all
+    weights 1, no bias, the gradient of that voxel with respect to the input is symmetric about the centre."""
+    x = torch.zeros(1, 1, *shape, requires_grad=True)
+    h = x
+    for conv in convs:
+        layer = type(conv)(1, 1, conv.kernel_size, conv.stride, conv.padding, bias=False)
+        torch.nn.init.ones_(layer.weight)
+        h = layer(h)
+    h[(0, 0, *out_index)].backward()
+    g = x.grad[0, 0]
+    centres = []
+    for d in range(len(shape)):
+        dims = [i for i in range(len(shape)) if i != d]
+        profile = g.sum(dim=dims) if dims else g
+        idx = torch.arange(shape[d], dtype=torch.float64)
+        centres.append(float((profile.double() * idx).sum() / profile.double().sum()))
+    return h.shape[2:], centres
+
+
+@pytest.mark.parametrize("strides", [[1, 2, 2], [1, (1, 2, 2), 2]])
+def test_encoder_grid_matches_the_real_convolutions_impulse(strides):
+    from dynamic_network_architectures.architectures.unet import PlainConvUNet
+
+    from nnunet_ssl.nnunet.engine import encoder_grid
+    net = PlainConvUNet(1, 3, [2, 4, 8], torch.nn.Conv3d, 3, strides, 2, 2, [1, 1], norm_op=torch.nn.InstanceNorm3d,
+                        nonlin=torch.nn.LeakyReLU)
+    shape = (32, 32, 32)
+    for stage in (1, 2):
+        scale, offset = encoder_grid(net, stage)
+        convs = [m for name, m in net.encoder.named_modules() if isinstance(m, torch.nn.Conv3d)
+                 and int(name.split(".")[1]) <= stage]
+        out_index = tuple(int(32 // s // 2) for s in scale)  # interior: the padding does not cut its field
+        out_shape, measured = _impulse_centres(convs, shape, out_index)
+        predicted = [s * i + o for s, i, o in zip(scale, out_index, offset)]
+        assert measured == pytest.approx(predicted, abs=1e-6)
+        # the block-centre convention (S * i + (S - 1) / 2) misplaces every strided axis by (S - 1) / 2
+        block = [s * i + (s - 1) / 2 for s, i in zip(scale, out_index)]
+        assert any(abs(b - m) >= 0.5 for b, m in zip(block, measured))
+        assert tuple(out_shape) == tuple(-(-n // int(s)) for n, s in zip(shape, scale))
+    # residual encoders: stem + blocks whose parallel 1x1 skip convs are not part of the chain
+    from dynamic_network_architectures.architectures.unet import ResidualEncoderUNet
+    res = ResidualEncoderUNet(1, 3, [2, 4, 8], torch.nn.Conv3d, 3, strides, 1, 2, [1, 1],
+                              norm_op=torch.nn.InstanceNorm3d, nonlin=torch.nn.LeakyReLU)
+    assert any("skip" in n for n, m in res.encoder.named_modules() if isinstance(m, torch.nn.Conv3d))
+    assert encoder_grid(res, 2) == encoder_grid(net, 2)
+
+
+def test_mirrored_views_have_no_exact_partners_at_stride_above_one():
+    # view b = view a mirrored along axis 0; at stride S (offset 0) view a's voxel i sits on input S*i, view b's
+    # voxels on the mirrored positions s-1-S*j: the index-mirrored partner is S-1 input voxels away
+    s = 16
+    coords_a = _grid((s, 4, 4))[None]
+    coords_b = coords_a.flip(2)
+    valid = torch.ones(1, s, 4, 4, dtype=torch.bool)
+    for stride in (2, 4):
+        ca, _ = sample_coords(coords_a, valid, (stride, 1, 1), (0, 0, 0), (s // stride, 4, 4))
+        cb, _ = sample_coords(coords_b, valid, (stride, 1, 1), (0, 0, 0), (s // stride, 4, 4))
+        pa, pb = ca[0, 0, :, 0, 0], cb[0, 0, :, 0, 0]
+        assert torch.equal((pa - pb.flip(0)).abs(), torch.full_like(pa, stride - 1.0))  # index-mirrored partner
+        nearest = (pa[:, None] - pb[None, :]).abs().min(dim=1).values
+        assert (nearest >= 1).all()  # and no feature voxel of view b matches exactly
 
 
 def test_invalid_b_voxels_never_matched_even_at_origin():

@@ -48,7 +48,7 @@ def test_view_pairs_any_order_and_error():
 
 def test_dense_loss_matches_reference_with_flipped_views():
     torch.manual_seed(0)
-    b, c, s, stride = 2, 5, 8, 2
+    b, c, s, stride = 2, 5, 4, 1  # stride 1: mirrored views have exact partners (stride 2: test_core_correspondence)
     grid = torch.stack(torch.meshgrid(*[torch.arange(s, dtype=torch.float32)] * 3, indexing="ij"))
     coords_a = grid.expand(b, -1, -1, -1, -1) + torch.tensor([0.0, 3.0])[:, None, None, None, None]  # per-case shift
     coords_b = coords_a.flip(2)  # view b = view a mirrored along the first axis
@@ -65,7 +65,7 @@ def test_dense_loss_matches_reference_with_flipped_views():
     assert stats["num_pairs"].item() == b * fs ** 3  # every voxel finds its mirrored partner
     # reference: all feature voxels of view a paired with the mirrored voxel of view b
     z, x, g = [], [], []
-    centre = lambda i: (i * stride + (stride - 1) / 2)  # noqa: E731 block centre in input voxels
+    centre = lambda i: i * stride  # noqa: E731 receptive-field centre in input voxels
     for case in range(b):
         for i in range(fs):
             for j in range(fs):

@@ -179,7 +179,7 @@ def spade_trainer(model: nn.Module, is_ddp: bool):
     from nnunet_ssl.trainers.spade import SpadePretrainTrainer
     trainer = bare_trainer(SpadePretrainTrainer, model, is_ddp)
     trainer.local_samples = 16
-    trainer.decoder_stride = lambda: (STRIDE,) * 3
+    trainer.decoder_grid = lambda: ((STRIDE,) * 3, (0.0,) * 3)
     return trainer
 
 

@@ -178,9 +178,9 @@ class nnUNetTrainerPretrainedFinetune_cpu(nnUNetTrainerPretrainedFinetune):
 
 
 class nnUNetTrainerPretrainedFinetune_smoke(nnUNetTrainerPretrainedFinetune):
-    """4 epochs x 2 iterations, every phase one epoch: set-up check only."""
+    """4 epochs x 1 iteration (as many as nnUNetTrainerFinetune_smoke), every phase one epoch: set-up check only."""
     num_epochs = 4
-    num_iterations_per_epoch = 2
+    num_iterations_per_epoch = 1
     num_val_iterations_per_epoch = 1
     probe_fraction = 0.25
     decoder_warmup_fraction = 0.25

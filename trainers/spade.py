@@ -55,7 +55,7 @@ class SpadePretrainTrainer(ContrastivePretrainTrainer):
     def local_loss(self, outputs, batch):
         return dense_correspondence_loss(
             outputs["local"], batch["coords"], batch["valid"], batch["canonical_scale"],
-            batch["canonical_offset"], batch["sample_index"], self.decoder_stride(), self.local_samples,
+            batch["canonical_offset"], batch["sample_index"], self.decoder_grid(), self.local_samples,
             self.local_match_tolerance, self.r_local_neg, self.temperature_local,
             generator=self.step_generator)  # identical voxel samples on every DDP rank
 

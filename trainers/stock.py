@@ -13,6 +13,7 @@ import time
 import torch
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 
+from nnunet_ssl.nnunet.checkpoint import CrashSafeCheckpointsMixin
 from nnunet_ssl.trainers.finetune import FinetuneRunMixin
 
 WALL_SECONDS = "NNUNET_SSL_WALL_SECONDS"
@@ -25,9 +26,9 @@ def training_seconds(logging: dict) -> float:
     return float(sum(e - s for s, e in zip(starts, ends)))
 
 
-class nnUNetTrainerWallClock(FinetuneRunMixin, nnUNetTrainer):
-    """nnUNetTrainer for ``NNUNET_SSL_WALL_SECONDS`` of training (``FinetuneRunMixin``: a working ``--c`` and the
-    benchmark's skipped final validation; nothing of the training itself changes)."""
+class nnUNetTrainerWallClock(FinetuneRunMixin, CrashSafeCheckpointsMixin, nnUNetTrainer):
+    """nnUNetTrainer for ``NNUNET_SSL_WALL_SECONDS`` of training (the mixins give a working ``--c``, atomic
+    checkpoint writes and the benchmark's skipped final validation; nothing of the training itself changes)."""
     num_iterations_per_epoch = 25
     num_val_iterations_per_epoch = 1
     max_epochs = 100_000  # an upper bound only; the wall clock ends the run

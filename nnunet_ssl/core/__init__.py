@@ -1,6 +1,6 @@
 """Pure-tensor core of the contrastive pretraining methods (depends on torch only)."""
 from .affinity import box_overlap_affinity, distance_affinity
-from .correspondence import downsample_coords, gather_at, sample_correspondences
+from .correspondence import feature_grid, gather_at, sample_coords, sample_correspondences
 from .heads import DenseProjectionHead, GlobalProjectionHead, LocationConditionedHead
 from .losses import affinity_weighted_loss, info_nce
 from .objectives import drasclr_loss, momentum_update
@@ -24,5 +24,6 @@ __all__ = [
     "momentum_update",
     "sample_correspondences",
     "gather_at",
-    "downsample_coords",
+    "feature_grid",
+    "sample_coords",
 ]

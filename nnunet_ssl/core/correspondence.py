@@ -1,6 +1,6 @@
 """Voxel correspondences between two augmented views of one volume."""
 import math
-from typing import Dict, Optional, Tuple
+from typing import Dict, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -147,24 +147,54 @@ def gather_at(feature_map: Tensor, flat_index: Tensor) -> Tensor:
     return torch.gather(flat, 2, idx).transpose(1, 2)
 
 
-def downsample_coords(
-    coords: Tensor, valid: Tensor, factor: Tuple[int, ...]
-) -> Tuple[Tensor, Tensor]:
-    """Bring a coordinate map to a feature map's resolution.
+def feature_grid(layers: Sequence[Tuple]) -> Tuple[Tuple[float, ...], Tuple[float, ...]]:
+    """Where a chain of convolutions puts its output voxels: output voxel i's receptive field is centred on input
+    position ``scale * i + offset`` (per axis, in input voxels).
 
-    Averaging an affine coordinate field over a block gives the block centre's
-    coordinate. A block is valid only if all its voxels are. Sizes not divisible by
-    the factor yield a partial last block (ceil, like a padded strided conv),
-    averaged over the voxels it actually covers.
-    """
+    ``layers``: (kernel, stride, padding) of each convolution from the input on, each an int or a per-axis tuple.
+    One layer maps its output index j to input position ``stride * j - padding + (kernel - 1) / 2``; composing
+    them gives the affine map. nnU-Net's convolutions (odd kernel k, padding (k - 1) / 2) centre voxel i of a stage
+    of total stride S exactly on input voxel S * i (offset 0), *not* on the centre S * i + (S - 1) / 2 of the block
+    of S voxels it summarises: with mirrored views the best-matching feature voxels of the two views are then
+    S - 1 input voxels apart, which the correspondence search has to allow for."""
+    dims = max((len(v) for layer in layers for v in layer if isinstance(v, (tuple, list))), default=1)
+    scale, offset = [1.0] * dims, [0.0] * dims
+
+    def per_axis(v):
+        return [float(x) for x in v] if isinstance(v, (tuple, list)) else [float(v)] * dims
+
+    for kernel, stride, padding in layers:
+        k, st, p = per_axis(kernel), per_axis(stride), per_axis(padding)
+        for d in range(dims):
+            offset[d] += scale[d] * (-p[d] + (k[d] - 1) / 2)
+            scale[d] *= st[d]
+    return tuple(scale), tuple(offset)
+
+
+def sample_coords(coords: Tensor, valid: Tensor, scale: Sequence[float], offset: Sequence[float],
+                  out_shape: Sequence[int]) -> Tuple[Tensor, Tensor]:
+    """A per-voxel coordinate map read at the receptive-field centres of a feature map (``feature_grid``).
+
+    coords (B, 3, *S), valid (B, *S) -> (B, 3, *out_shape), (B, *out_shape). Centre ``scale * i + offset`` per
+    axis; a fractional centre is interpolated linearly between its two neighbours (exact for the affine fields the
+    loader makes). A feature voxel is valid when the voxels it is read from are valid and inside the crop."""
     nd = coords.dim() - 2
-    if nd not in (2, 3):
-        raise ValueError(f"expected coords (B, 3, *S) with 2 or 3 spatial dims, got {tuple(coords.shape)}")
-    factor = tuple(int(f) for f in factor)
-    if len(factor) != nd:
-        raise ValueError(f"factor {factor} does not match {nd} spatial dims")
-    avg = F.avg_pool3d if nd == 3 else F.avg_pool2d
-    mx = F.max_pool3d if nd == 3 else F.max_pool2d
-    c = avg(coords.float(), kernel_size=factor, stride=factor, ceil_mode=True)
-    invalid = mx((~valid.bool()).float()[:, None], kernel_size=factor, stride=factor, ceil_mode=True)
-    return c.to(coords.dtype) if coords.is_floating_point() else c, invalid[:, 0] == 0
+    if nd not in (2, 3) or len(scale) != nd or len(offset) != nd or len(out_shape) != nd:
+        raise ValueError(f"sample_coords: coords {tuple(coords.shape)} with scale {tuple(scale)}, offset "
+                         f"{tuple(offset)}, out_shape {tuple(out_shape)}: expected 2 or 3 spatial dims throughout")
+    c = coords.float()
+    v = valid.bool()
+    for d in range(nd):
+        size = c.shape[2 + d]
+        pos = torch.arange(int(out_shape[d]), device=c.device, dtype=torch.float64) * float(scale[d]) + float(offset[d])
+        lo = torch.floor(pos)
+        w = (pos - lo).to(c.dtype)
+        hi = torch.where(w > 0, lo + 1, lo)
+        inside = (lo >= 0) & (hi <= size - 1)
+        lo_i, hi_i = lo.clamp(0, size - 1).long(), hi.clamp(0, size - 1).long()
+        shape = [1] * (nd + 2)
+        shape[2 + d] = -1
+        c = c.index_select(2 + d, lo_i) * (1 - w).view(shape) + c.index_select(2 + d, hi_i) * w.view(shape)
+        shape_v = shape[1:]
+        v = v.index_select(1 + d, lo_i) & v.index_select(1 + d, hi_i) & inside.view(shape_v)
+    return (c.to(coords.dtype) if coords.is_floating_point() else c), v

@@ -12,7 +12,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
-from .correspondence import downsample_coords, gather_at, sample_correspondences
+from .correspondence import gather_at, sample_coords, sample_correspondences
 from .frames import apply_axis_affine
 from .losses import info_nce
 from .selection import contrastive_masks
@@ -42,13 +42,15 @@ def view_pairs(sample_index: Tensor) -> Tuple[Tensor, Tensor]:
 
 
 def dense_correspondence_loss(dense: Tensor, coords: Tensor, valid: Tensor, canonical_scale: Tensor,
-                              canonical_offset: Tensor, sample_index: Tensor, stride: Sequence[int],
+                              canonical_offset: Tensor, sample_index: Tensor, grid: Sequence,
                               num_samples: int, tolerance: float, r_neg: float, temperature: float,
                               generator: Optional[torch.Generator] = None) -> Tuple[Tensor, Dict[str, Tensor]]:
     """Voxel-level contrast between the two views of each crop (Spade's local, equivariant branch).
 
-    dense (N,C,*S') unit-norm features at stride ``stride`` of the input; coords (N,3,*S) preprocessed voxel
-    coordinates of every input voxel and valid (N,*S) from the loader. Up to ``num_samples`` voxels of view a
+    dense (N,C,*S') unit-norm features whose voxel i sits at input position ``scale * i + offset`` (``grid`` =
+    (scale, offset) from ``feature_grid`` of the network's convolutions; a plain stride tuple means offset 0, the
+    centre of nnU-Net's odd-kernel, same-padded convolutions); coords (N,3,*S) preprocessed voxel coordinates of
+    every input voxel and valid (N,*S) from the loader. Up to ``num_samples`` voxels of view a
     per crop are matched to the exactly corresponding feature voxel of view b (nearest in coordinates, within
     ``tolerance`` feature voxels). Positive: that voxel. Negatives: all other sampled voxels (both views, all
     crops) whose canonical distance exceeds ``r_neg``; nearer ones are excluded.
@@ -56,14 +58,16 @@ def dense_correspondence_loss(dense: Tensor, coords: Tensor, valid: Tensor, cano
     Padding slots (crops with fewer matches than ``num_samples``) stay in the fixed-size (2*B*K) layout and are
     masked out of every pair, rather than removed by boolean indexing: the shapes never depend on the data, so
     nothing waits for the device."""
-    c_feat, v_feat = downsample_coords(coords.to(dense.device), valid.to(dense.device), tuple(stride))
-    if tuple(c_feat.shape[2:]) != tuple(dense.shape[2:]):
-        raise ValueError(f"feature map {tuple(dense.shape[2:])} does not match the input downsampled by "
-                         f"{tuple(stride)} ({tuple(c_feat.shape[2:])})")
+    scale, offset = (grid if isinstance(grid[0], (tuple, list)) else (grid, (0.0,) * len(grid)))
+    expect = tuple(-(-n // int(round(f))) for n, f in zip(coords.shape[2:], scale))
+    if tuple(dense.shape[2:]) != expect:
+        raise ValueError(f"feature map {tuple(dense.shape[2:])} does not match the input {tuple(coords.shape[2:])} "
+                         f"at stride {tuple(scale)} ({expect})")
+    c_feat, v_feat = sample_coords(coords.to(dense.device), valid.to(dense.device), scale, offset, expect)
     a, b = view_pairs(sample_index)
     a, b = a.to(dense.device, non_blocking=True), b.to(dense.device, non_blocking=True)
     corr = sample_correspondences(c_feat[a], v_feat[a], c_feat[b], v_feat[b], num_samples,
-                                  tolerance * float(max(stride)), generator=generator)
+                                  tolerance * float(max(scale)), generator=generator)
     canon = apply_axis_affine(c_feat, canonical_scale.to(dense.device), canonical_offset.to(dense.device))
     fa = gather_at(dense[a], corr["index_a"])  # (B,K,C)
     fb = gather_at(dense[b], corr["index_b"])

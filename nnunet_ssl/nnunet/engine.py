@@ -125,6 +125,25 @@ def encoder_strides(network: nn.Module) -> np.ndarray:
     return np.cumprod(np.stack(strides), axis=0)
 
 
+def encoder_grid(network: nn.Module, stage: int) -> Tuple[Tuple[float, ...], Tuple[float, ...]]:
+    """(scale, offset) of encoder stage ``stage``'s output voxels in input voxels (core ``feature_grid``), read
+    from the real convolutions on the main path (stem, then the stages' convs in order; the 1x1 ``skip`` convs of
+    residual blocks run in parallel and are left out). Decoder stages feed on the same grid through the skip
+    connection of that resolution."""
+    from nnunet_ssl.core.correspondence import feature_grid
+    enc = unwrap(network).encoder
+    stage = stage % len(enc.stages)
+    layers = []
+    for name, m in enc.named_modules():
+        if not isinstance(m, (nn.Conv2d, nn.Conv3d)) or ".skip" in f".{name}" or "skip." in name:
+            continue
+        parts = name.split(".")
+        if parts[0] == "stages" and int(parts[1]) > stage:
+            continue
+        layers.append((tuple(m.kernel_size), tuple(m.stride), tuple(m.padding)))
+    return feature_grid(layers)
+
+
 def load_head_state(heads: nn.Module, state: Dict[str, torch.Tensor]) -> None:
     """heads.load_state_dict, failing in one line when the checkpoint's heads are of another design (e.g. global
     heads written before they had a BatchNorm): the network weights of such a checkpoint still hand off."""
@@ -279,11 +298,10 @@ class ContrastivePretrainTrainer(CrashSafeCheckpointsMixin, CPUFastPathMixin, Th
         stage = self.decoder_stage % len(self.network.decoder.stages)
         return int(enc.output_channels[-(stage + 2)])
 
-    def decoder_stride(self) -> Tuple[int, ...]:
-        """Stride (per axis, in preprocessed voxels) of the decoder stage feeding dense heads."""
-        strides = encoder_strides(self.network)
+    def decoder_grid(self) -> Tuple[Tuple[float, ...], Tuple[float, ...]]:
+        """(scale, offset) of the decoder stage feeding dense heads: where its voxel i sits in the input."""
         stage = self.decoder_stage % len(self.network.decoder.stages)
-        return tuple(int(s) for s in strides[len(strides) - (stage + 2)])
+        return encoder_grid(self.network, len(self.network.encoder.stages) - (stage + 2))
 
     # ------------------------------------------------------------------ set-up
     def initialize(self):
