@@ -47,3 +47,9 @@ class DrasCLRPretrainTrainer_cpu_m99(DrasCLRPretrainTrainer_cpu):
     """Key-encoder momentum 0.99 instead of 0.999: the keys follow the encoder with a lag of ~100 steps instead of
     ~1000, which is the whole of the CPU budget's 1000-step pretraining."""
     momentum = 0.99
+
+
+# ---- convergence check of the from-scratch budget
+class nnUNetTrainerFinetune_cpu_160ep(nnUNetTrainerFinetune_cpu_80ep):
+    """Twice the CPU budget's fine-tuning: 160 x 25 = 4000 iterations (is 2000 near convergence?)."""
+    num_epochs = 160
