@@ -43,10 +43,12 @@ METHODS: Dict[str, Optional[str]] = {
     "spade": "SpadePretrainTrainer",
     "spade_soft": "SpadeSoftPretrainTrainer",
     "drasclr": "DrasCLRPretrainTrainer",
+    "recon": "MaskedReconPretrainTrainer",
+    "spade_recon": "SpadeReconPretrainTrainer",
 }
 PRECISIONS = ("auto", "fp32", "bf16")
 # the headline protocol: paired comparisons at k = 2, 5, 10 over 5 seeds
-DEFAULT_METHODS = ("scratch", "scratch_long", "stock", "simclr", "spade", "spade_soft")
+DEFAULT_METHODS = ("scratch", "scratch_long", "stock", "simclr", "recon", "spade", "spade_soft", "spade_recon")
 DEFAULT_LABELED = (2, 5, 10)
 DEFAULT_SEEDS = (0, 1, 2, 3, 4)
 

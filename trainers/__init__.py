@@ -14,6 +14,9 @@ from nnunet_ssl.trainers.investigation import (DrasCLRPretrainTrainer_cpu_m99, S
                                                SpadePretrainTrainer_cpu_wide,
                                                nnUNetTrainerFinetune_cpu_80ep_lr3e3, nnUNetTrainerFinetune_cpu_160ep,
                                                nnUNetTrainerFinetune_cpu_80ep_warmup20)
+from nnunet_ssl.trainers.recon import (MaskedReconPretrainTrainer, MaskedReconPretrainTrainer_cpu,
+                                       MaskedReconPretrainTrainer_smoke, SpadeReconPretrainTrainer,
+                                       SpadeReconPretrainTrainer_cpu, SpadeReconPretrainTrainer_smoke)
 from nnunet_ssl.trainers.pdcr import PDCRTrainer, PDCRTrainer_smoke, PDCRUAFSTrainer, PDCRUAFSTrainer_smoke
 from nnunet_ssl.trainers.pcl import PCLPretrainTrainer, PCLPretrainTrainer_cpu, PCLPretrainTrainer_smoke
 from nnunet_ssl.trainers.simclr import SimCLRPretrainTrainer, SimCLRPretrainTrainer_cpu, SimCLRPretrainTrainer_smoke
@@ -27,6 +30,8 @@ PRETRAINING_TRAINERS = {c.__name__: c for c in (
     PCLPretrainTrainer, PCLPretrainTrainer_cpu, PCLPretrainTrainer_smoke,
     DrasCLRPretrainTrainer, DrasCLRPretrainTrainer_cpu, DrasCLRPretrainTrainer_smoke,
     SimCLRPretrainTrainer, SimCLRPretrainTrainer_cpu, SimCLRPretrainTrainer_smoke,
+    MaskedReconPretrainTrainer, MaskedReconPretrainTrainer_cpu, MaskedReconPretrainTrainer_smoke,
+    SpadeReconPretrainTrainer, SpadeReconPretrainTrainer_cpu, SpadeReconPretrainTrainer_smoke,
     SpadePretrainTrainer_cpu_80ep, SpadePretrainTrainer_cpu_wide, SpadePretrainTrainer_cpu_narrow,
     SpadePretrainTrainer_cpu_t03, DrasCLRPretrainTrainer_cpu_m99)}
 

@@ -126,3 +126,15 @@ class LocationConditionedHead(nn.Module):
         g = torch.softmax(self.gate(location.to(self.expert_weight.dtype)), dim=1)
         per_expert = torch.einsum("bh,eho->beo", h, self.expert_weight) + self.expert_bias
         return F.normalize(torch.einsum("be,beo->bo", g.to(per_expert.dtype), per_expert), dim=1)
+
+
+class ReconstructionHead(nn.Module):
+    """1x1 convolution from full-resolution decoder features to the input's channels (masked reconstruction).
+    Kept apart from nnU-Net's segmentation layers, which ``-pretrained_weights`` never transfers anyway."""
+
+    def __init__(self, in_channels: int, out_channels: int, dim: int = 3):
+        super().__init__()
+        self.conv = (nn.Conv3d if dim == 3 else nn.Conv2d)(in_channels, out_channels, kernel_size=1)
+
+    def forward(self, feature_map: Tensor) -> Tensor:
+        return self.conv(feature_map)

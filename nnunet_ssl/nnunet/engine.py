@@ -159,9 +159,9 @@ def load_head_state(heads: nn.Module, state: Dict[str, torch.Tensor]) -> None:
 class ContrastiveModel(nn.Module):
     """U-Net + projection heads in one module, so DDP/AMP see a single forward.
 
-    ``head_inputs`` maps each head to 'bottleneck' or 'decoder' (the output of decoder stage
-    ``decoder_stage``; 0 = lowest resolution, negative values count from the full-resolution end).
-    The decoder runs only as far as needed."""
+    ``head_inputs`` maps each head to 'bottleneck', 'decoder' (the output of decoder stage ``decoder_stage``;
+    0 = lowest resolution, negative values count from the full-resolution end) or 'full' (the last decoder stage,
+    at the input's resolution). The decoder runs only as far as needed."""
 
     def __init__(self, network: nn.Module, heads: nn.ModuleDict, head_inputs: Dict[str, str],
                  decoder_stage: Optional[int]):
@@ -176,12 +176,16 @@ class ContrastiveModel(nn.Module):
         """``condition`` (e.g. each crop's location) reaches the heads that declare ``conditioned = True``."""
         skips = self.network.encoder(x)
         feats = {"bottleneck": skips[-1]}
-        if "decoder" in self.head_inputs.values():
+        wanted = set(self.head_inputs.values())
+        if wanted & {"decoder", "full"}:
             dec = self.network.decoder
+            last = len(dec.stages) - 1 if "full" in wanted else self.decoder_stage
             lres = skips[-1]
-            for s in range(self.decoder_stage + 1):
+            for s in range(last + 1):
                 lres = dec.stages[s](torch.cat((dec.transpconvs[s](lres), skips[-(s + 2)]), 1))
-            feats["decoder"] = lres
+                if s == self.decoder_stage:
+                    feats["decoder"] = lres
+            feats["full"] = lres
         return {name: head(feats[self.head_inputs[name]], condition) if getattr(head, "conditioned", False)
                 else head(feats[self.head_inputs[name]]) for name, head in self.heads.items()}
 
@@ -272,6 +276,11 @@ class ContrastivePretrainTrainer(CrashSafeCheckpointsMixin, CPUFastPathMixin, Th
         """Return (total loss, {term: scalar}) with terms named as in ``logged_terms``."""
         raise NotImplementedError
 
+    def prepare_input(self, data: torch.Tensor, batch: dict) -> torch.Tensor:
+        """The network's input for this step (default: the views as loaded). Masked reconstruction masks it here
+        and leaves what its loss needs in ``batch``."""
+        return data
+
     def head_condition(self, batch: dict) -> Optional[torch.Tensor]:
         """Per-crop input of conditioned heads (None: no head is conditioned)."""
         return None
@@ -295,6 +304,8 @@ class ContrastivePretrainTrainer(CrashSafeCheckpointsMixin, CPUFastPathMixin, Th
         enc = self.network.encoder
         if where == "bottleneck":
             return int(enc.output_channels[-1])
+        if where == "full":
+            return int(enc.output_channels[0])
         stage = self.decoder_stage % len(self.network.decoder.stages)
         return int(enc.output_channels[-(stage + 2)])
 
@@ -444,7 +455,7 @@ class ContrastivePretrainTrainer(CrashSafeCheckpointsMixin, CPUFastPathMixin, Th
 
     def _step(self, batch: dict, train: bool) -> dict:
         batch = self.batch_to_device(batch)
-        data = self.cpu_fast_input(batch["data"])
+        data = self.cpu_fast_input(self.prepare_input(batch["data"], batch))
         condition = self.head_condition(batch)
         if train:
             self.optimizer.zero_grad(set_to_none=True)
