@@ -2,9 +2,11 @@
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import shlex
 import sys
+from pathlib import Path
 
 
 def _cmd_env(args) -> int:
@@ -110,6 +112,21 @@ def _cmd_inspect_embeddings(args) -> int:
     _require_env("nnUNet_preprocessed")
     from nnunet_ssl.inspect import inspect_embeddings
     inspect_embeddings(args.checkpoint, str(args.d), args.cases, args.query, args.o, args.device)
+    return 0
+
+
+def _cmd_probe(args) -> int:
+    _require_env("nnUNet_preprocessed")
+    from nnunet_ssl.probe import probe
+    r = probe(args.checkpoint, str(args.d), args.f, args.labeled, args.seed, args.voxels_per_class, args.steps,
+              args.val_cases, not args.no_random)
+    for which in ("pretrained", "random"):
+        if which in r:
+            per_class = ", ".join(f"{k}: {v:.3f}" for k, v in r[which]["per_class"].items())
+            print(f"{which:>10}: linear-probe Dice {r[which]['mean_dice']:.4f} ({per_class}) on {len(r['val_cases'])} "
+                  f"validation cases, trained on {args.labeled} cases, {r[which]['features']} features")
+    if args.json:
+        Path(args.json).write_text(json.dumps(r, indent=1))
     return 0
 
 
@@ -252,6 +269,21 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("-o", default="embeddings.png", help="output PNG")
     s.add_argument("--device", default="cpu")
     s.set_defaults(func=_cmd_inspect_embeddings)
+
+    s = sub.add_parser("probe", help="linear probe of a checkpoint's frozen encoder: voxel classifier trained on k "
+                                     "labelled cases, Dice on a fold's validation cases (and for a random network)")
+    s.add_argument("checkpoint", help="checkpoint_final.pth (pretraining or any nnUNetv2_train run)")
+    s.add_argument("-d", required=True, help="dataset id or name (preprocessed with the checkpoint's plans)")
+    s.add_argument("-f", type=int, default=0, help="fold of splits_final.json: its training cases give the k "
+                                                  "labelled cases, its validation cases are scored (default 0)")
+    s.add_argument("--labeled", type=int, default=5)
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--voxels-per-class", type=int, default=2000)
+    s.add_argument("--steps", type=int, default=300)
+    s.add_argument("--val-cases", type=int, default=None, help="score only the first N validation cases")
+    s.add_argument("--no-random", action="store_true", help="skip the random-network reference")
+    s.add_argument("--json", default=None, help="also write the full result (per case, per class) here")
+    s.set_defaults(func=_cmd_probe)
 
     s = sub.add_parser("check-weights", help="say before training whether a checkpoint's weights fit a dataset's "
                                              "configuration (-pretrained_weights), and what differs")

@@ -184,19 +184,20 @@ def inspect_embeddings(checkpoint: str, dataset: str, cases: Optional[Sequence[s
             data = data[:, data.shape[1] // 2]  # 2d configuration: the middle slice
         vols.append(data)
     fa, fb = (_dense_features(tr, model, head, v) for v in vols)
-    stride = np.asarray(vols[0].shape[1:]) / np.asarray(fa.shape[1:])
+    # feature voxel i sits on input position scale * i + offset (receptive-field centre of the real convolutions)
+    scale, offset = (np.asarray(v, dtype=float) for v in tr.decoder_grid())
     q = np.asarray(query if query is not None else np.asarray(vols[0].shape[1:]) // 2, dtype=float)
-    qf = tuple(int(min(max(round(c / s - 0.5 + 1e-9), 0), n - 1)) for c, s, n in zip(q, stride, fa.shape[1:]))
+    qf = tuple(int(min(max(round((c - o) / s), 0), n - 1)) for c, s, o, n in zip(q, scale, offset, fa.shape[1:]))
     sim = torch.einsum("c,c...->...", fa[(slice(None),) + qf], fb)  # cosine (features are unit-norm)
     # the canonically corresponding point of the query in case B (3D: exact up to the frames' affine maps)
     dim = len(q)
     q3 = np.concatenate([[0.0] * (3 - dim), q]) if dim < 3 else q
     u = frames[0].to_canonical(q3)
     b_index = (u - frames[1].canonical_offset) / frames[1].canonical_scale
-    bf = tuple(int(min(max(round(c / s - 0.5), 0), n - 1)) for c, s, n in
-               zip(b_index[-dim:], stride, fb.shape[1:]))
+    bf = tuple(int(min(max(round((c - o) / s), 0), n - 1)) for c, s, o, n in
+               zip(b_index[-dim:], scale, offset, fb.shape[1:]))
     best = np.unravel_index(int(sim.argmax()), tuple(sim.shape))
-    best_input = (np.asarray(best) + 0.5) * stride - 0.5
+    best_input = np.asarray(best) * scale + offset
     best3 = np.concatenate([[0.0] * (3 - dim), best_input]) if dim < 3 else best_input
     err = float(np.linalg.norm(frames[1].to_canonical(best3) - u))
     rank = float((sim > sim[bf]).float().mean())
