@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import shlex
 import sys
 from pathlib import Path
@@ -301,8 +302,28 @@ def main(argv=None) -> int:
     from nnunet_ssl.nnunet.command_errors import BadInputError
     try:
         return args.func(args)
-    except BadInputError as error:  # bad input: one line naming the problem and the fix, no traceback
-        raise SystemExit(f"nnunet-ssl {args.command}: error: {error}") from None
+    except (BadInputError, ValueError, FileNotFoundError, RuntimeError) as error:
+        message = bad_input_message(error)
+        if message is None or os.environ.get("NNUNET_SSL_TRACEBACK") == "1":
+            raise
+        # bad input: one line naming the problem and the fix, no traceback
+        raise SystemExit(f"nnunet-ssl {args.command}: error: {message}") from None
+
+
+def bad_input_message(error: BaseException):
+    """One line for errors that are caused by the input (unknown dataset, missing or corrupt file, a value out of
+    range), None for anything else (a bug keeps its traceback)."""
+    from nnunet_ssl.nnunet.command_errors import BadInputError
+    text = " ".join(str(error).split())
+    if isinstance(error, BadInputError) or isinstance(error, (ValueError, FileNotFoundError)):
+        return text
+    found = re.search(r"Could not find a dataset with the (?:ID|name) (\S+?)\.", text)
+    if found:
+        wanted = found.group(1)
+        return (f"dataset {wanted} is not known to nnU-Net: no DatasetXXX folder for it in nnUNet_raw "
+                f"({os.environ.get('nnUNet_raw', 'unset')}) or nnUNet_preprocessed "
+                f"({os.environ.get('nnUNet_preprocessed', 'unset')}); check the id and these variables")
+    return None
 
 
 if __name__ == "__main__":

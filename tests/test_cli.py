@@ -28,6 +28,34 @@ def test_demo_on_unknown_dataset_fails_clearly(tmp_path):
     assert res.returncode != 0 and "dataset 123 not found" in res.stderr
 
 
+def _one_line_error(res, command, *fragments):
+    assert res.returncode != 0, res.stdout
+    lines = [ln for ln in res.stderr.splitlines() if ln.strip()]
+    assert "Traceback" not in res.stderr and len(lines) == 1, res.stderr
+    assert lines[0].startswith(f"nnunet-ssl {command}: error: ")
+    for f in fragments:
+        assert f in lines[0], lines[0]
+
+
+def test_unknown_dataset_and_corrupt_checkpoints_fail_in_one_line(tmp_path, tiny_dataset):
+    env = clean_env(tmp_path)
+    for sub in ("raw", "preprocessed", "results"):
+        (tmp_path / sub).mkdir()
+    (tmp_path / "junk.pth").write_bytes(bytes(range(256)) * 8)
+    nnunet_ssl = str(BIN / "nnunet-ssl")
+    res = subprocess.run([nnunet_ssl, "check-weights", str(tmp_path / "x.pth"), "-d", "4"], env=env,
+                         capture_output=True, text=True)
+    _one_line_error(res, "check-weights", "dataset 4 is not known to nnU-Net", str(tmp_path / "raw"))
+    res = subprocess.run([nnunet_ssl, "plan", "-d", "999"], env=env, capture_output=True, text=True)
+    _one_line_error(res, "plan", "dataset 999 is not known to nnU-Net")
+    planned = clean_env(tiny_dataset)  # a planned and preprocessed dataset
+    for cmd in (["check-weights", str(tmp_path / "junk.pth"), "-d", "993", "-p", "nnUNetPlansTiny"],
+                ["inspect-embeddings", str(tmp_path / "junk.pth"), "-d", "993"],
+                ["probe", str(tmp_path / "junk.pth"), "-d", "993"]):
+        res = subprocess.run([nnunet_ssl, *cmd], env=planned, capture_output=True, text=True)
+        _one_line_error(res, cmd[0], "truncated or corrupt")
+
+
 @pytest.mark.slow
 def test_demo_quick_runs_whole_pipeline(tmp_path):
     env = {k: v for k, v in clean_env(tmp_path).items() if not k.startswith("nnUNet_")}

@@ -1,4 +1,4 @@
-"""CPU-scale variants for tuning the benchmark's recipe on pool validation cases (BENCHMARKS.md, "Investigation").
+"""CPU-scale variants for tuning the benchmark's recipe on pool validation cases (BENCHMARKS.md; earlier runs in benchmarks/notes/).
 
 Each differs from the CPU benchmark's trainer in one setting, so a run of ``nnunet-ssl benchmark
 --pretrain-trainer spade=... / --finetune-trainer ...`` on the pool alone isolates that setting."""
