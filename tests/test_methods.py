@@ -70,10 +70,13 @@ def test_drasclr_checkpoint_restores_queue_and_momentum_encoder(tiny):
     ckpt = torch.load(ckpt_file, map_location="cpu", weights_only=False)
     extra = ckpt["ssl_extra_state"]
     assert (extra["queue"]["subject"] >= 0).any(), "training must have filled the queue"
-    # the momentum encoder moved away from the online network but only a little (momentum 0.999)
-    online = ckpt["network_weights"]["encoder.stages.0.0.convs.0.conv.weight"]
-    key = extra["key_model"]["network.encoder.stages.0.0.convs.0.conv.weight"]
-    assert not torch.equal(online, key)
+    # the online network moved away from the momentum encoder, which follows it only a little (momentum 0.999).
+    # checkpoint_final hands the online convs over rescaled to He norms per output channel, so compare directions
+    online = ckpt["network_weights"]["encoder.stages.0.0.convs.0.conv.weight"].flatten(1).double()
+    key = extra["key_model"]["network.encoder.stages.0.0.convs.0.conv.weight"].flatten(1).double()
+    online, key = online / online.norm(dim=1, keepdim=True), key / key.norm(dim=1, keepdim=True)
+    cos = (online * key).sum(1)
+    assert (cos > 0.9).all() and (cos < 1 - 1e-7).any()
 
     from nnunet_ssl.trainers import DrasCLRPretrainTrainer_smoke
     pre = tiny / "preprocessed" / NAME
