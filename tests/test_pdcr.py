@@ -171,3 +171,31 @@ def test_pdcr_trainers_train_predict_evaluate(pdcr_data, trainer, pretrained):
          "-pfile", out / "plans.json"], env)
     summary = json.loads((pred / "summary.json").read_text())
     assert len(summary["metric_per_case"]) == 2 and 0 <= summary["foreground_mean"]["Dice"] <= 1
+
+
+def test_pdcr_skips_a_step_with_non_finite_gradients(tiny_dataset, monkeypatch):
+    """A NaN in the input gives NaN gradients: the step is skipped and counted, the weights stay finite (before the
+    shared guarded step, PDCR took it and every weight became NaN)."""
+    from nnunet_ssl.trainers import PDCRTrainer_smoke
+    from conftest import TINY_DATASET
+    for k, v in clean_env(tiny_dataset).items():
+        monkeypatch.setenv(k, v)
+    pre = tiny_dataset / "preprocessed" / TINY_DATASET
+    plans = json.loads((pre / "nnUNetPlansTiny.json").read_text())
+    plans["continue_training"] = False
+    tr = PDCRTrainer_smoke(plans, "3d_fullres", "all", json.loads((pre / "dataset.json").read_text()),
+                           device=torch.device("cpu"))
+    tr.initialize()
+    dl_tr, _ = tr.get_dataloaders()
+    batch = next(dl_tr)
+    before = {k: v.clone() for k, v in tr.network.state_dict().items()}
+    tr.train_step(batch)
+    assert any(not torch.equal(before[k], v) for k, v in tr.network.state_dict().items())  # a normal step moves
+    batch = next(dl_tr)
+    batch["data"][0, 0, 0, 0, 0] = float("nan")
+    before = {k: v.clone() for k, v in tr.network.state_dict().items()}
+    tr.train_step(batch)
+    after = tr.network.state_dict()
+    assert all(torch.isfinite(v).all() for v in after.values() if v.is_floating_point())
+    assert all(torch.equal(before[k], after[k]) for k in before if "running" not in k)
+    assert tr.skipped_steps_epoch == 1

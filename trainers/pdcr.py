@@ -155,8 +155,9 @@ class PDCRTrainer(CrashSafeCheckpointsMixin, CPUFastPathMixin, nnUNetTrainer):
         else:
             loss.backward()
             self.sync_pdcr_head_gradients()
-            torch.nn.utils.clip_grad_norm_(params, 12)
-            self.optimizer.step()
+            # the shared guarded step (CPUFastPathMixin): a step with non-finite gradients is skipped and counted,
+            # as GradScaler does under fp16; bf16 on CPU has no GradScaler to do it
+            self.step_if_finite(params, 12)
         out = {"loss": loss.detach().cpu().numpy(), "seg_loss": seg_loss.detach().cpu().numpy()}
         out.update({k: v.cpu().numpy() for k, v in terms.items()})
         return out
