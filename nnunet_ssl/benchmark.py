@@ -91,12 +91,25 @@ def _log(msg: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
 
 
+INVESTIGATION_TRAINERS = Path(__file__).resolve().parents[1] / "benchmarks" / "investigation"
+
+
 def trainer_class(name: str):
+    """A plugin trainer, or one nnU-Net finds (its own, or in a folder of nnUNet_extTrainer, e.g. the repository's
+    benchmarks/investigation variants)."""
     from nnunet_ssl.trainers import PRETRAINING_TRAINERS, SEGMENTATION_TRAINERS
     known = {**PRETRAINING_TRAINERS, **SEGMENTATION_TRAINERS}
-    if name not in known:
-        raise SystemExit(f"unknown trainer {name!r} in the benchmark budget; plugin trainers: {', '.join(known)}")
-    return known[name]
+    if name in known:
+        return known[name]
+    import contextlib
+    import io
+    from nnunetv2.utilities.find_objects import recursive_find_trainer_class_by_name
+    try:
+        with contextlib.redirect_stdout(io.StringIO()):
+            return recursive_find_trainer_class_by_name(name)
+    except RuntimeError:
+        raise SystemExit(f"unknown trainer {name!r}: neither a plugin trainer ({', '.join(known)}) nor found by "
+                         f"nnU-Net; investigation variants need nnUNet_extTrainer={INVESTIGATION_TRAINERS}") from None
 
 
 def iterations(trainer: str) -> int:

@@ -109,7 +109,13 @@ def test_reports_paired_differences_ci_wins_and_lost_classes(tmp_path):
     assert (tmp_path / "results.png").stat().st_size > 1000
 
 
-def test_trainer_overrides_name_their_cells_and_report_apart(tmp_path):
+def test_trainer_overrides_name_their_cells_and_report_apart(tmp_path, monkeypatch):
+    from nnunet_ssl.trainers import PRETRAINING_TRAINERS
+    assert "SpadePretrainTrainer_cpu_80ep" not in PRETRAINING_TRAINERS  # investigation variants are not the product
+    with pytest.raises(SystemExit, match="nnUNet_extTrainer="):
+        bm.trainer_class("SpadePretrainTrainer_cpu_80ep")
+    monkeypatch.setenv("nnUNet_extTrainer", str(bm.INVESTIGATION_TRAINERS))
+    assert bm.trainer_class("SpadePretrainTrainer_cpu_80ep").num_epochs == 80
     over = {"spade": "SpadePretrainTrainer_cpu_t03"}
     assert bm.cell_variant("scratch", None, over) == ""  # scratch cells are shared with the default run
     assert bm.cell_variant("spade", None, over) == "SpadePretrainTrainer_cpu_t03"

@@ -9,11 +9,6 @@ from nnunet_ssl.trainers.finetune import (nnUNetTrainerFinetune, nnUNetTrainerFi
                                           nnUNetTrainerFinetune_smoke_long, nnUNetTrainerPretrainedFinetune,
                                           nnUNetTrainerPretrainedFinetune_cpu, nnUNetTrainerPretrainedFinetune_smoke)
 from nnunet_ssl.trainers.stock import nnUNetTrainerWallClock
-from nnunet_ssl.trainers.investigation import (DrasCLRPretrainTrainer_cpu_m99, SpadePretrainTrainer_cpu_80ep,
-                                               SpadePretrainTrainer_cpu_narrow, SpadePretrainTrainer_cpu_t03,
-                                               SpadePretrainTrainer_cpu_wide,
-                                               nnUNetTrainerFinetune_cpu_80ep_lr3e3, nnUNetTrainerFinetune_cpu_160ep,
-                                               nnUNetTrainerFinetune_cpu_80ep_warmup20)
 from nnunet_ssl.trainers.recon import (MaskedReconPretrainTrainer, MaskedReconPretrainTrainer_cpu,
                                        MaskedReconPretrainTrainer_smoke, SpadeReconPretrainTrainer,
                                        SpadeReconPretrainTrainer_cpu, SpadeReconPretrainTrainer_smoke)
@@ -32,13 +27,11 @@ PRETRAINING_TRAINERS = {c.__name__: c for c in (
     SimCLRPretrainTrainer, SimCLRPretrainTrainer_cpu, SimCLRPretrainTrainer_smoke,
     MaskedReconPretrainTrainer, MaskedReconPretrainTrainer_cpu, MaskedReconPretrainTrainer_smoke,
     SpadeReconPretrainTrainer, SpadeReconPretrainTrainer_cpu, SpadeReconPretrainTrainer_smoke,
-    SpadePretrainTrainer_cpu_80ep, SpadePretrainTrainer_cpu_wide, SpadePretrainTrainer_cpu_narrow,
-    SpadePretrainTrainer_cpu_t03, DrasCLRPretrainTrainer_cpu_m99)}
+)}
 
 SEGMENTATION_TRAINERS = {c.__name__: c for c in (
     nnUNetTrainerFinetune, nnUNetTrainerFinetune_cpu, nnUNetTrainerFinetune_cpu_80ep, nnUNetTrainerFinetune_smoke,
     nnUNetTrainerFinetune_long, nnUNetTrainerFinetune_cpu_120ep, nnUNetTrainerFinetune_smoke_long,
-    nnUNetTrainerFinetune_cpu_80ep_lr3e3, nnUNetTrainerFinetune_cpu_80ep_warmup20, nnUNetTrainerFinetune_cpu_160ep,
     nnUNetTrainerPretrainedFinetune, nnUNetTrainerPretrainedFinetune_cpu, nnUNetTrainerPretrainedFinetune_smoke,
     nnUNetTrainerWallClock,
     PDCRTrainer, PDCRTrainer_smoke, PDCRUAFSTrainer, PDCRUAFSTrainer_smoke)}

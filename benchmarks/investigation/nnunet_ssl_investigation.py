@@ -1,7 +1,11 @@
-"""CPU-scale variants for tuning the benchmark's recipe on pool validation cases (BENCHMARKS.md; earlier runs in benchmarks/notes/).
+"""CPU-scale variants for tuning the benchmark's recipe on pool validation cases (BENCHMARKS.md; earlier runs in
+benchmarks/notes/). Not part of the installed plugin: nnU-Net finds them only when an investigation asks,
 
-Each differs from the CPU benchmark's trainer in one setting, so a run of ``nnunet-ssl benchmark
---pretrain-trainer spade=... / --finetune-trainer ...`` on the pool alone isolates that setting."""
+    export nnUNet_extTrainer=<repository>/benchmarks/investigation
+
+(nnU-Net imports this file as a top-level module: absolute imports only). Each differs from the CPU benchmark's
+trainer in one setting, so a run of ``nnunet-ssl benchmark --pretrain-trainer spade=... / --finetune-trainer ...``
+on the pool alone isolates that setting."""
 from nnunet_ssl.trainers.finetune import nnUNetTrainerFinetune_cpu_80ep
 from nnunet_ssl.trainers.drasclr import DrasCLRPretrainTrainer_cpu
 from nnunet_ssl.trainers.spade import SpadePretrainTrainer_cpu
