@@ -5,7 +5,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from nnunet_ssl.core.affinity import box_overlap_affinity, distance_affinity
+from nnunet_ssl.core.affinity import box_overlap_affinity
 from nnunet_ssl.core.losses import affinity_weighted_loss
 
 
@@ -58,20 +58,6 @@ def test_box_overlap_zero_volume_is_finite():
     torch.testing.assert_close(a.diagonal(), torch.ones(3))
     assert a[0, 1] == 0 and a[1, 0] == 0 and a[0, 2] == 0 and a[1, 2] == 0
     assert box_overlap_affinity(boxes.long()).dtype == torch.float32
-
-
-def test_distance_affinity():
-    coords = torch.tensor([[0.0, 0, 0], [1.0, 0, 0], [0, 3.0, 0], [3.0, 4.0, 0]])
-    a = distance_affinity(coords, radius=4.0)
-    expected = torch.tensor([
-        [1.0, 0.75, 0.25, 0.0],  # d = 0, 1, 3, 5
-        [0.75, 1.0, 1 - math.sqrt(10) / 4, 1 - math.sqrt(20) / 4],
-        [0.25, 1 - math.sqrt(10) / 4, 1.0, 1 - math.sqrt(10) / 4],
-        [0.0, 1 - math.sqrt(20) / 4, 1 - math.sqrt(10) / 4, 1.0],
-    ]).clamp_min(0)
-    torch.testing.assert_close(a, expected)
-    with pytest.raises(ValueError):
-        distance_affinity(coords, 0.0)
 
 
 def _slow_awl(z, aff, valid, t, cand=None):
@@ -182,7 +168,8 @@ def test_affinity_loss_autocast_bfloat16():
     g = torch.Generator().manual_seed(2)
     x = torch.randn(10, 8, generator=g)
     lin = torch.nn.Linear(8, 16)
-    aff = distance_affinity(torch.rand(10, 3, generator=g), 0.8)
+    p = torch.rand(10, 3, generator=g)
+    aff = (1 - torch.cdist(p, p) / 0.8).clamp_min(0.0)  # a distance-decaying affinity
     valid = torch.ones(10, 10, dtype=torch.bool)
     ref, _ = affinity_weighted_loss(lin(x).detach(), aff, valid, 0.2)
     with torch.autocast("cpu", dtype=torch.bfloat16):

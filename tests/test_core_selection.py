@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 
-from nnunet_ssl.core.selection import contrastive_masks, pair_statistics
+from nnunet_ssl.core.selection import contrastive_masks
 
 
 def _line(xs):
@@ -115,25 +115,3 @@ def test_matches_reference_on_random_inputs(seed):
             assert torch.equal(pos, pos.t()) and torch.equal(neg, neg.t())
 
 
-def test_pair_statistics():
-    coords = _line([0, 1, 3, 6, 10])
-    groups = torch.tensor([0, 1, 2, 3, 0])
-    pos, neg = contrastive_masks(coords, groups, r_pos=1.5, r_neg=4.0)
-    st = pair_statistics(pos, neg)
-    assert st["mean_pos"].dtype == torch.float32
-    assert st["mean_pos"].item() == pytest.approx(4 / 5)
-    assert st["mean_neg"].item() == pytest.approx(8 / 5)
-    assert st["mean_excluded"].item() == pytest.approx(8 / 5)
-    total = st["mean_pos"] + st["mean_neg"] + st["mean_excluded"]
-    assert total.item() == pytest.approx(4.0)  # N - 1 candidates per anchor
-
-
-def test_pair_statistics_with_valid():
-    coords = _line([0, 10, 20, 30])
-    groups = torch.tensor([0, 0, 1, 2])
-    valid = torch.tensor([True, False, True, True])
-    pos, neg = contrastive_masks(coords, groups, r_pos=1.0, r_neg=5.0, valid=valid)
-    st = pair_statistics(pos, neg, valid=valid)
-    assert st["mean_pos"].item() == pytest.approx(0.0)
-    assert st["mean_neg"].item() == pytest.approx(2.0)
-    assert st["mean_excluded"].item() == pytest.approx(0.0)

@@ -1,7 +1,6 @@
 """nnunet-ssl probe: hypercolumn alignment, and the command on a phantom dataset."""
 import json
 
-import numpy as np
 import pytest
 import torch
 from dynamic_network_architectures.architectures.unet import PlainConvUNet

@@ -32,23 +32,3 @@ def box_overlap_affinity(boxes: Tensor) -> Tensor:
     aff = torch.where(smaller > 0, inter / smaller.clamp_min(torch.finfo(b.dtype).tiny), torch.zeros_like(inter))
     eye = torch.eye(b.shape[0], dtype=torch.bool, device=b.device)
     return torch.where(eye, torch.ones_like(aff), aff.clamp(0.0, 1.0))
-
-
-def distance_affinity(coords: Tensor, radius: float) -> Tensor:
-    """Linearly decaying affinity a_ij = max(0, 1 - d_ij / radius): 1 at d = 0, 0 beyond ``radius``.
-
-    Args:
-        coords: (N, D) positions in a common frame.
-        radius: distance at which the affinity reaches 0 (> 0).
-
-    Returns:
-        (N, N) symmetric affinities in [0, 1].
-    """
-    if radius <= 0:
-        raise ValueError(f"radius must be > 0, got {radius}")
-    if coords.dim() != 2:
-        raise ValueError(f"expected coords (N, D), got {tuple(coords.shape)}")
-    c = _as_float(coords)
-    # Direct differences, as in contrastive_masks: exact zeros on the diagonal and no cancellation.
-    dist = torch.cdist(c, c, compute_mode="donot_use_mm_for_euclid_dist")
-    return (1.0 - dist / radius).clamp_min(0.0)

@@ -31,9 +31,6 @@ class CaseFrame:
     def to_canonical(self, index: np.ndarray) -> np.ndarray:
         return np.asarray(index, dtype=np.float64) * self.canonical_scale + self.canonical_offset
 
-    def to_mm(self, index: np.ndarray) -> np.ndarray:
-        return np.asarray(index, dtype=np.float64) * self.mm_scale + self.mm_offset
-
 
 def case_frame(bbox_lo: Sequence[int], shape_after_cropping: Sequence[int], shape_preprocessed: Sequence[int],
                shape_before_cropping: Sequence[int], spacing: Sequence[float]) -> CaseFrame:

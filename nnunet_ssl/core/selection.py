@@ -1,5 +1,5 @@
 """Spatial-prior positive/negative pair selection (Spade)."""
-from typing import Dict, Optional, Tuple
+from typing import Optional, Tuple
 
 import torch
 from torch import Tensor
@@ -44,40 +44,6 @@ def contrastive_masks(
     pos = off_diag & (same_group | (dist < r_pos))
     neg = off_diag & ~pos & (dist > r_neg)
     return pos, neg
-
-
-def pair_statistics(
-    pos_mask: Tensor, neg_mask: Tensor, valid: Optional[Tensor] = None
-) -> Dict[str, Tensor]:
-    """Per-anchor pair counts averaged over anchors.
-
-    'mean_excluded' counts candidates that are neither positive nor negative; for
-    square masks the anchor itself is not counted. With ``valid`` given, only valid
-    anchors are averaged and only valid candidates counted.
-    """
-    pos = pos_mask.bool()
-    neg = neg_mask.bool()
-    na, nc = pos.shape
-    if valid is not None:
-        v = valid.to(device=pos.device, dtype=torch.bool)
-        row_ok, col_ok = v, v
-    else:
-        row_ok = torch.ones(na, dtype=torch.bool, device=pos.device)
-        col_ok = torch.ones(nc, dtype=torch.bool, device=pos.device)
-    n_pos = (pos & col_ok[None, :]).sum(1).float()
-    n_neg = (neg & col_ok[None, :]).sum(1).float()
-    n_cand = col_ok.sum().float().expand(na)
-    if na == nc:
-        # Do not count self as an excluded candidate.
-        n_cand = n_cand - (row_ok & col_ok).float()
-    n_exc = n_cand - n_pos - n_neg
-    w = row_ok.float()
-    denom = w.sum().clamp_min(1.0)
-    return {
-        "mean_pos": (n_pos * w).sum() / denom,
-        "mean_neg": (n_neg * w).sum() / denom,
-        "mean_excluded": (n_exc * w).sum() / denom,
-    }
 
 
 def instance_masks(group_ids: Tensor) -> Tuple[Tensor, Tensor]:
