@@ -161,8 +161,12 @@ def test_add_unlabeled_preprocesses_like_nnunet_and_reruns_idempotently(workspac
 def test_pretraining_trains_on_unlabelled_cases_and_finetuning_never_sees_them(workspace, monkeypatch):
     root = workspace
     _, unlabeled_folder = _folders(root)
-    if len(list(unlabeled_folder.glob("*.pkl"))) < len(EXTRA) + len(TEST_CASES):
-        pytest.skip("needs the cases of test_add_unlabeled_preprocesses_like_nnunet_and_reruns_idempotently")
+    # the unlabelled cases (idempotent: a no-op when the test above already added them)
+    _nnunet_env(monkeypatch, root)
+    from nnunet_ssl.nnunet.unlabeled import add_unlabeled
+    add_unlabeled(DATASET, str(root / "image_only"), ["3d_fullres"], PLANS, num_processes=1)
+    add_unlabeled(DATASET, None, ["3d_fullres"], PLANS, num_processes=1)
+    assert len(list(unlabeled_folder.glob("*.pkl"))) == len(EXTRA) + len(TEST_CASES)
     unlabelled = set(EXTRA + TEST_CASES)
     labelled = {f"phantom_{i:03d}" for i in range(NUM_LABELLED)}
 
