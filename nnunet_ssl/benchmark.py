@@ -33,19 +33,18 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 from nnunet_ssl import pipeline
 
-# method -> pretraining trainer (base name, the budget's suffix is appended); None: no pretraining
-METHODS: Dict[str, Optional[str]] = {
-    "scratch": None,
-    "scratch_long": None,
-    "stock": None,
-    "simclr": "SimCLRPretrainTrainer",
-    "pcl": "PCLPretrainTrainer",
-    "spade": "SpadePretrainTrainer",
-    "spade_soft": "SpadeSoftPretrainTrainer",
-    "drasclr": "DrasCLRPretrainTrainer",
-    "recon": "MaskedReconPretrainTrainer",
-    "spade_recon": "SpadeReconPretrainTrainer",
-}
+def _methods() -> Dict[str, Optional[str]]:
+    """method -> pretraining trainer (base name; the budget's suffix is appended), None for the from-scratch rows.
+    Pretraining methods are the registered trainers that declare ``benchmark_name`` themselves (not inherited)."""
+    from nnunet_ssl.trainers import PRETRAINING_TRAINERS
+    rows: Dict[str, Optional[str]] = {"scratch": None, "scratch_long": None, "stock": None}
+    for name, cls in PRETRAINING_TRAINERS.items():
+        if "benchmark_name" in vars(cls) and cls.benchmark_name:
+            rows[cls.benchmark_name] = name
+    return rows
+
+
+METHODS = _methods()
 PRECISIONS = ("auto", "fp32", "bf16")
 # the headline protocol: paired comparisons at k = 2, 5, 10 over 5 seeds
 DEFAULT_METHODS = ("scratch", "scratch_long", "stock", "simclr", "recon", "spade", "spade_soft", "spade_recon")

@@ -200,3 +200,15 @@ def test_benchmark_end_to_end_and_resume(phantom_raw, tmp_path):
     assert "seed=0: fine-tuning" not in again.stdout and "seed=0: pretraining" not in again.stdout
     assert lost.exists()
     assert Path(work / "results.csv").read_text().count("\n") == 4
+
+
+def test_methods_register_themselves_by_benchmark_name():
+    from nnunet_ssl.trainers import PRETRAINING_TRAINERS
+    assert bm.METHODS["spade"] == "SpadePretrainTrainer" and bm.METHODS["spade_recon"] == "SpadeReconPretrainTrainer"
+    assert list(bm.METHODS)[:3] == ["scratch", "scratch_long", "stock"]
+    # every method's budget variants exist and carry its row name; only base trainers declare one
+    for method, base in bm.METHODS.items():
+        if base:
+            for suffix in ("", "_cpu", "_smoke"):
+                assert PRETRAINING_TRAINERS[base + suffix].benchmark_name == method
+    assert set(bm.DEFAULT_METHODS) <= set(bm.METHODS)

@@ -1,40 +1,32 @@
 """nnU-Net trainer classes of nnunet_ssl (installed as ``nnunet_ssl.trainers``).
 
-Every public class here is found by ``nnUNetv2_train -tr NAME`` through the discovery hook.
+Every public ``nnUNetTrainer`` subclass defined in a module of this package is registered here automatically (and
+so found by ``nnUNetv2_train -tr NAME`` through the discovery hook): a new method is one module in this folder.
+Pretraining trainers (``ContrastivePretrainTrainer`` subclasses) that declare ``benchmark_name`` are also rows of
+``nnunet-ssl benchmark``.
 """
-from nnunet_ssl.trainers.drasclr import DrasCLRPretrainTrainer, DrasCLRPretrainTrainer_cpu, DrasCLRPretrainTrainer_smoke
-from nnunet_ssl.trainers.finetune import (nnUNetTrainerFinetune, nnUNetTrainerFinetune_cpu,
-                                          nnUNetTrainerFinetune_cpu_80ep, nnUNetTrainerFinetune_cpu_120ep,
-                                          nnUNetTrainerFinetune_long, nnUNetTrainerFinetune_smoke,
-                                          nnUNetTrainerFinetune_smoke_long, nnUNetTrainerPretrainedFinetune,
-                                          nnUNetTrainerPretrainedFinetune_cpu, nnUNetTrainerPretrainedFinetune_smoke)
-from nnunet_ssl.trainers.stock import nnUNetTrainerWallClock
-from nnunet_ssl.trainers.recon import (MaskedReconPretrainTrainer, MaskedReconPretrainTrainer_cpu,
-                                       MaskedReconPretrainTrainer_smoke, SpadeReconPretrainTrainer,
-                                       SpadeReconPretrainTrainer_cpu, SpadeReconPretrainTrainer_smoke)
-from nnunet_ssl.trainers.pdcr import PDCRTrainer, PDCRTrainer_smoke, PDCRUAFSTrainer, PDCRUAFSTrainer_smoke
-from nnunet_ssl.trainers.pcl import PCLPretrainTrainer, PCLPretrainTrainer_cpu, PCLPretrainTrainer_smoke
-from nnunet_ssl.trainers.simclr import SimCLRPretrainTrainer, SimCLRPretrainTrainer_cpu, SimCLRPretrainTrainer_smoke
-from nnunet_ssl.trainers.spade import (SpadePretrainTrainer, SpadePretrainTrainer_cpu, SpadePretrainTrainer_smoke,
-                                       SpadeSoftPretrainTrainer, SpadeSoftPretrainTrainer_cpu,
-                                       SpadeSoftPretrainTrainer_smoke)
+import importlib
+import pkgutil
 
-PRETRAINING_TRAINERS = {c.__name__: c for c in (
-    SpadePretrainTrainer, SpadePretrainTrainer_cpu, SpadePretrainTrainer_smoke,
-    SpadeSoftPretrainTrainer, SpadeSoftPretrainTrainer_cpu, SpadeSoftPretrainTrainer_smoke,
-    PCLPretrainTrainer, PCLPretrainTrainer_cpu, PCLPretrainTrainer_smoke,
-    DrasCLRPretrainTrainer, DrasCLRPretrainTrainer_cpu, DrasCLRPretrainTrainer_smoke,
-    SimCLRPretrainTrainer, SimCLRPretrainTrainer_cpu, SimCLRPretrainTrainer_smoke,
-    MaskedReconPretrainTrainer, MaskedReconPretrainTrainer_cpu, MaskedReconPretrainTrainer_smoke,
-    SpadeReconPretrainTrainer, SpadeReconPretrainTrainer_cpu, SpadeReconPretrainTrainer_smoke,
-)}
+from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 
-SEGMENTATION_TRAINERS = {c.__name__: c for c in (
-    nnUNetTrainerFinetune, nnUNetTrainerFinetune_cpu, nnUNetTrainerFinetune_cpu_80ep, nnUNetTrainerFinetune_smoke,
-    nnUNetTrainerFinetune_long, nnUNetTrainerFinetune_cpu_120ep, nnUNetTrainerFinetune_smoke_long,
-    nnUNetTrainerPretrainedFinetune, nnUNetTrainerPretrainedFinetune_cpu, nnUNetTrainerPretrainedFinetune_smoke,
-    nnUNetTrainerWallClock,
-    PDCRTrainer, PDCRTrainer_smoke, PDCRUAFSTrainer, PDCRUAFSTrainer_smoke)}
+from nnunet_ssl.nnunet.engine import ContrastivePretrainTrainer
+
+
+def _collect():
+    pretraining, segmentation = {}, {}
+    for info in sorted(pkgutil.iter_modules(__path__), key=lambda m: m.name):
+        module = importlib.import_module(f"{__name__}.{info.name}")
+        for name, obj in vars(module).items():
+            if (isinstance(obj, type) and issubclass(obj, nnUNetTrainer) and obj.__module__ == module.__name__
+                    and not name.startswith("_")):
+                (pretraining if issubclass(obj, ContrastivePretrainTrainer) else segmentation)[name] = obj
+    return pretraining, segmentation
+
+
+PRETRAINING_TRAINERS, SEGMENTATION_TRAINERS = _collect()
+globals().update(PRETRAINING_TRAINERS)
+globals().update(SEGMENTATION_TRAINERS)
 
 __all__ = list(PRETRAINING_TRAINERS) + list(SEGMENTATION_TRAINERS) + ["PRETRAINING_TRAINERS",
                                                                       "SEGMENTATION_TRAINERS"]

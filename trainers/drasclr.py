@@ -28,6 +28,7 @@ def subject_ids(keys) -> torch.Tensor:
 
 
 class DrasCLRPretrainTrainer(ContrastivePretrainTrainer):
+    benchmark_name = "drasclr"
     temperature = 0.2
     beta = 1.0
     num_neighbors = 2               # k

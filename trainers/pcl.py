@@ -12,6 +12,7 @@ from nnunet_ssl.nnunet.engine import CPUBudget, GlobalContrastTrainer, SmokeBudg
 
 
 class PCLPretrainTrainer(GlobalContrastTrainer):
+    benchmark_name = "pcl"
     delta = 0.1
     temperature = 0.1
     base_temperature = 0.07

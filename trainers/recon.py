@@ -37,6 +37,7 @@ class MaskedReconPretrainTrainer(MaskedInputMixin, ContrastivePretrainTrainer):
     full U-Net + a 1x1 head, MSE on the masked voxels. Labels are never read; the two views of the loader are
     simply two independently masked samples."""
 
+    benchmark_name = "recon"
     head_inputs = {"recon": "full"}
     logged_terms = ("recon",)
 
@@ -55,6 +56,7 @@ class SpadeReconPretrainTrainer(MaskedInputMixin, SpadePretrainTrainer):
     are equal because at the start the three terms are of the same order on z-scored inputs (InfoNCE ~2-6,
     MSE ~1) and none of them should dominate the encoder."""
 
+    benchmark_name = "spade_recon"
     head_inputs = {"global": "bottleneck", "local": "decoder", "recon": "full"}
     logged_terms = SpadePretrainTrainer.logged_terms + ("recon",)
 

@@ -9,6 +9,8 @@ from nnunet_ssl.nnunet.engine import CPUBudget, GlobalContrastTrainer, SmokeBudg
 class SimCLRPretrainTrainer(GlobalContrastTrainer):
     """temperature 0.1; Spade's global head (FC(512) -> ReLU per voxel, mean, BatchNorm -> FC(128))."""
 
+    benchmark_name = "simclr"
+
     def pair_selection(self, batch):
         return instance_masks(batch["sample_index"])
 

@@ -17,6 +17,8 @@ class SpadePretrainTrainer(ContrastivePretrainTrainer):
     Distances are Euclidean in the canonical frame (each case's original image extent mapped to [0,1]^3).
     Labels are never read. Defaults are meant for a GPU run on standard nnU-Net plans."""
 
+    benchmark_name = "spade"
+
     # global branch: bottleneck -> GlobalProjectionHead -> unit embedding; positives: other view or centre within r_pos
     r_pos = 0.1          # canonical distance below which crops of any case are positives
     r_neg = 0.3          # canonical distance above which crops are negatives (band in between: excluded)
@@ -96,6 +98,7 @@ class SpadeSoftPretrainTrainer(SpadePretrainTrainer):
     Crops sharing anatomy are pulled together in proportion to how much they share; disjoint crops only push.
     The local branch is Spade's."""
 
+    benchmark_name = "spade_soft"
     temperature_soft = 0.5
     logged_terms = ("global", "local", "mean_affinity_global", "mean_pos_local", "mean_neg_local")
 

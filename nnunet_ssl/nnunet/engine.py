@@ -219,6 +219,8 @@ class ContrastivePretrainTrainer(CrashSafeCheckpointsMixin, CPUFastPathMixin, Th
                                  nnUNetTrainer):
     """Engine for two-view contrastive pretraining; subclasses implement build_heads and compute_loss."""
 
+    # row name of a method in ``nnunet-ssl benchmark`` (declared by the method's base trainer; variants inherit it)
+    benchmark_name: Optional[str] = None
     # ---- budget (nnU-Net attributes; GPU-scale defaults) ----
     num_epochs: int = 300
     num_iterations_per_epoch: int = 250
