@@ -57,3 +57,48 @@ class DrasCLRPretrainTrainer_cpu_m99(DrasCLRPretrainTrainer_cpu):
 class nnUNetTrainerFinetune_cpu_160ep(nnUNetTrainerFinetune_cpu_80ep):
     """Twice the CPU budget's fine-tuning: 160 x 25 = 4000 iterations (is 2000 near convergence?)."""
     num_epochs = 160
+
+
+# ---- the pretrained-start recipe (BENCHMARKS.md: peak lr x warm-up x sawtooth / LP-FT / layer decay)
+from nnunet_ssl.trainers.finetune import nnUNetTrainerPretrainedFinetune_cpu  # noqa: E402
+
+
+class nnUNetTrainerPretrainedFinetune_cpu_lr1e2(nnUNetTrainerPretrainedFinetune_cpu):
+    """Peak lr 1e-2 (the from-scratch step size) instead of 1e-3."""
+    initial_lr = 1e-2
+
+
+class nnUNetTrainerPretrainedFinetune_cpu_lr3e4(nnUNetTrainerPretrainedFinetune_cpu):
+    """Peak lr 3e-4 instead of 1e-3."""
+    initial_lr = 3e-4
+
+
+class nnUNetTrainerPretrainedFinetune_cpu_warmup25(nnUNetTrainerPretrainedFinetune_cpu):
+    """Whole-network warm-up over 25 % of the run instead of 10 %."""
+    warmup_fraction = 0.25
+
+
+class nnUNetTrainerPretrainedFinetune_cpu_sawtooth(nnUNetTrainerPretrainedFinetune_cpu):
+    """Decoder-only warm-up (10 %), then the whole-network warm-up (10 %)."""
+    decoder_warmup_fraction = 0.1
+
+
+class nnUNetTrainerPretrainedFinetune_cpu_lpft(nnUNetTrainerPretrainedFinetune_cpu):
+    """LP-FT: segmentation layers alone for 10 % of the run first."""
+    probe_fraction = 0.1
+
+
+class nnUNetTrainerPretrainedFinetune_cpu_llrd(nnUNetTrainerPretrainedFinetune_cpu):
+    """Layer-wise lr decay 0.75 per encoder stage."""
+    layer_decay = 0.75
+
+
+# ---- the hand-off and the pretraining length
+class SpadePretrainTrainer_cpu_norescale(SpadePretrainTrainer_cpu):
+    """Hands the conv weights over at their trained scale (no reset to He norms)."""
+    reset_conv_scales_at_hand_off = False
+
+
+class SpadePretrainTrainer_cpu_160ep(SpadePretrainTrainer_cpu):
+    """Four times the pretraining: 160 x 25 iterations."""
+    num_epochs = 160
