@@ -26,6 +26,7 @@ import random
 import shutil
 import statistics
 import sys
+import threading
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -319,6 +320,7 @@ class Settings:
     planner: Optional[str] = None                       # instead of the budget's (its plans name follows)
     pretrained_finetune_trainer: Optional[str] = None   # instead of the budget's, for pretrained starts
     cells_dir: Optional[str] = None                     # finished cells (default WORK/cells); may be in a repository
+    jobs: int = 1                                       # cells trained side by side
     pretrain_trainers: Tuple[Tuple[str, str], ...] = ()  # (method, trainer) instead of the budget's
 
 
@@ -409,7 +411,9 @@ def run_benchmark(s: Settings) -> List[dict]:
         if plans_id != budget.plans:
             raise SystemExit(f"planner {budget.planner} wrote plans {plans_id!r}, expected {budget.plans!r}")
 
-    cells = [(seed, k, m) for seed in s.seeds for k in sorted(s.labeled) for m in s.methods]
+    # METHODS order: a scratch cell always comes before the stock cell that needs its training time
+    methods = sorted(dict.fromkeys(s.methods), key=list(METHODS).index)
+    cells = [(seed, k, m) for seed in s.seeds for k in sorted(s.labeled) for m in methods]
     for seed, k, _ in cells:
         fold_of(work, seed, k)
     write_splits(work, pre_ds, pool, budget.num_val)
@@ -421,16 +425,34 @@ def run_benchmark(s: Settings) -> List[dict]:
     env = lambda results: pipeline.nnunet_env(raw, preprocessed, results, env_extra)  # noqa: E731
     cell_dir = cells_dir_of(s)
     cell_dir.mkdir(exist_ok=True)
-    rows = []
-    for i, (seed, k, method) in enumerate(cells, 1):
+    jobs = max(1, int(s.jobs))
+    if jobs > 1 and "OMP_NUM_THREADS" not in os.environ:
+        # cells run side by side: each training gets its share of the cores (and its own data loading overlaps
+        # the other's compute)
+        env_extra["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // jobs))
+    pretrain_locks = {m: threading.Lock() for m in s.methods}
+    scratch_done = {(seed, k): threading.Event() for seed, k, _ in cells}
+    if "scratch" not in s.methods:
+        for e in scratch_done.values():
+            e.set()
+    report_lock = threading.Lock()
+
+    def run_cell(i: int, seed: int, k: int, method: str) -> dict:
+        try:
+            return _cell(i, seed, k, method)
+        finally:
+            if method == "scratch":
+                scratch_done[(seed, k)].set()
+
+    def _cell(i: int, seed: int, k: int, method: str) -> dict:
         variant = cell_variant(method, s.finetune_trainer, overrides, s.pretrained_finetune_trainer)
         name = f"{method}@{variant}" if variant else method  # folders, logs and cell files of this cell
         cell_file = cell_dir / f"{tag}__{name}__k{k}__s{seed}.json"
         label = f"[{i}/{len(cells)}] {name} k={k} seed={seed}"
         if cell_file.exists():
-            rows.append(json.loads(cell_file.read_text()))
-            _log(f"{label}: done before (mean Dice {rows[-1]['mean_dice']:.4f})")
-            continue
+            row = json.loads(cell_file.read_text())
+            _log(f"{label}: done before (mean Dice {row['mean_dice']:.4f})")
+            return row
         times = {"pretrain_s": 0.0, "finetune_s": 0.0, "predict_s": 0.0}
         weights, pre_trainer = None, ""
         if METHODS[method]:
@@ -439,17 +461,19 @@ def run_benchmark(s: Settings) -> List[dict]:
             pre_out = pre_results / ds_name / f"{pre_trainer}__{budget.plans}__{s.configuration}" / "fold_0"
             weights = pre_out / "checkpoint_final.pth"
             times_file = pre_out.parent / "pretrain_time.json"
-            if not weights.exists():
-                _log(f"{label}: pretraining {pre_trainer} on {len(pool)} pool images")
-                took = pipeline.train(dataset_id, s.configuration, 0, pre_trainer, budget.plans, env(pre_results),
-                                      work / "logs" / tag / f"pretrain_{method}.log", f"pretrain {method}",
-                                      s.device, output_folder=pre_out)
-                _atomic_json(times_file, {"pretrain_s": round(took, 1)})
+            with pretrain_locks[method]:  # one pretraining per method, however many cells wait for it
+                if not weights.exists():
+                    _log(f"{label}: pretraining {pre_trainer} on {len(pool)} pool images")
+                    took = pipeline.train(dataset_id, s.configuration, 0, pre_trainer, budget.plans,
+                                          env(pre_results), work / "logs" / tag / f"pretrain_{method}.log",
+                                          f"pretrain {method}", s.device, output_folder=pre_out)
+                    _atomic_json(times_file, {"pretrain_s": round(took, 1)})
             times["pretrain_s"] = json.loads(times_file.read_text())["pretrain_s"] if times_file.exists() else 0.0
         ft_trainer = finetune_trainer_of(method, budget, s.finetune_trainer, s.pretrained_finetune_trainer)
         results = work / "results" / tag / name
         ft_env = env(results)
         if method == "stock":  # stock nnU-Net gets the training time of the scratch run with the same cases
+            scratch_done[(seed, k)].wait()
             ref = cell_dir / f"{tag}__scratch__k{k}__s{seed}.json"
             ref_s = json.loads(ref.read_text()).get("train_s") if ref.exists() else None
             if not ref_s:
@@ -487,9 +511,18 @@ def run_benchmark(s: Settings) -> List[dict]:
                **{f"dice_{c}": d for c, d in scores["per_class"].items()}, **times}
         row["total_iterations"] = row["pretrain_iterations"] + row["finetune_iterations"]
         _atomic_json(cell_file, row)
-        rows.append(row)
         _log(f"{label}: mean Dice {row['mean_dice']:.4f}  ({time.time() - t_start:.0f} s elapsed)")
-        write_reports(work, data["dataset_json"], s)
+        with report_lock:
+            write_reports(work, data["dataset_json"], s)
+        return row
+
+    if jobs == 1:
+        rows = [run_cell(i, *c) for i, c in enumerate(cells, 1)]
+    else:
+        from concurrent.futures import ThreadPoolExecutor
+        with ThreadPoolExecutor(jobs) as pool_of_jobs:
+            futures = [pool_of_jobs.submit(run_cell, i, *c) for i, c in enumerate(cells, 1)]
+            rows = [f.result() for f in futures]
     write_reports(work, data["dataset_json"], s)
     _log(f"done in {time.time() - t_start:.0f} s: {work / 'results.md'}, {work / 'results.csv'}, "
          f"{work / 'results.png'}")
@@ -652,6 +685,7 @@ def main_benchmark(args) -> int:
                  test_raw=args.test_raw, test_fraction=args.test_fraction, split_seed=args.split_seed,
                  num_processes=args.np, finetune_trainer=args.finetune_trainer, planner=args.planner,
                  pretrained_finetune_trainer=args.pretrained_finetune_trainer, cells_dir=args.cells_dir,
+                 jobs=args.jobs,
                  pretrain_trainers=tuple(_method_trainer(a) for a in args.pretrain_trainer or ()))
     work = Path(s.work_dir)
     work.mkdir(parents=True, exist_ok=True)

@@ -220,6 +220,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="default: scratch scratch_long stock simclr spade spade_soft (also: pcl drasclr)")
     s.add_argument("--labeled", nargs="+", type=int, default=None, help="labelled cases k (default 2 5 10)")
     s.add_argument("--seeds", nargs="+", type=int, default=None, help="fine-tuning seeds (default 0 1 2 3 4)")
+    s.add_argument("--jobs", type=int, default=1,
+                   help="cells trained side by side (each with cores/jobs threads; a stock cell waits for its scratch "
+                        "cell); 2 on a 2-core CPU overlaps one cell's data loading with the other's compute")
     s.add_argument("--cells-dir", default=None,
                    help="where finished cells are kept and looked up (default WORK_DIR/cells); a folder in a "
                         "repository lets a fresh machine continue a long benchmark instead of starting over")

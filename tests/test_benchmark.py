@@ -168,9 +168,10 @@ def test_benchmark_end_to_end_and_resume(phantom_raw, tmp_path):
     env = {k: v for k, v in clean_env(tmp_path).items() if k not in ("nnUNet_preprocessed", "nnUNet_results")}
     env["nnUNet_raw"] = str(phantom_raw)
     work = tmp_path / "w"
-    cmd = [BIN / "nnunet-ssl", "benchmark", "-d", "990", "--quick", "--methods", "scratch", "stock", "spade",
+    # two cells side by side; 'stock' listed first still waits for the training time of its 'scratch' cell
+    cmd = [BIN / "nnunet-ssl", "benchmark", "-d", "990", "--quick", "--methods", "stock", "scratch", "spade",
            "--labeled", "3", "--seeds", "0", "--test-raw", phantom_raw / "Dataset990_SSLPhantom",
-           "--work-dir", work, "--precision", "fp32"]
+           "--work-dir", work, "--precision", "fp32", "--jobs", "2"]
     first = run(cmd, env, timeout=1200)
     assert "seed=0: pretraining SpadePretrainTrainer_smoke" in first.stdout and "seed=0: fine-tuning" in first.stdout
     with open(work / "results.csv") as f:
