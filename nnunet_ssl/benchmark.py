@@ -349,7 +349,8 @@ def run_iterations(checkpoint: Path, trainer: str) -> int:
     cls = trainer_class(trainer)
     if getattr(cls, "max_epochs", None) is None:
         return iterations(trainer)
-    return (int(_final_logging(checkpoint)["current_epoch"]) + 1) * int(cls.num_iterations_per_epoch)
+    # nnU-Net stores the number of finished epochs in checkpoint_final's current_epoch
+    return int(_final_logging(checkpoint)["current_epoch"]) * int(cls.num_iterations_per_epoch)
 
 
 def with_planner(budget: Budget, planner: Optional[str]) -> Budget:
