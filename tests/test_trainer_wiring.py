@@ -75,7 +75,7 @@ def test_masking_hyperparameters_reach_the_mask():
     data = torch.ones(3, 1, 8, 8, 8)
     batch = {}
     masked = tr.prepare_input(data, batch)
-    mask = batch["recon_mask"]
+    mask = batch["recon_mask"].bool()
     assert mask.shape == (3, 8, 8, 8) and torch.equal(masked[:, 0] == 0, mask)
     assert (mask.flatten(1).sum(1) == 0.25 * 512).all()  # 16 of 64 blocks of 2^3 voxels
     assert torch.equal(batch["recon_target"], data)

@@ -20,9 +20,10 @@ class MaskedInputMixin:
 
     def prepare_input(self, data, batch):
         mask = block_mask(data.shape[0], data.shape[2:], self.mask_block, self.mask_ratio,
-                          generator=self.step_generator, device=data.device)
+                          generator=self.step_generator, device=data.device).to(data.dtype)
+        # a float mask: per-row batch entries are gathered across DDP ranks, and collectives need not support bool
         batch["recon_target"], batch["recon_mask"] = data, mask
-        return data * (~mask)[:, None].to(data.dtype)
+        return data * (1 - mask)[:, None]
 
     def reconstruction_head(self) -> nn.Module:
         return ReconstructionHead(self.feature_channels("full"), self.num_input_channels,
