@@ -183,8 +183,7 @@ def display_name(row: dict) -> str:
 
 
 def _order(row: dict) -> Tuple:
-    return (row["budget"], row["precision"], row.get("plans", ""), list(METHODS).index(row["method"]),
-            row.get("variant", ""))
+    return (*_setup(row), list(METHODS).index(row["method"]), row.get("variant", ""))
 
 
 # ---------------------------------------------------------------------------------------------- data
@@ -418,7 +417,9 @@ def run_benchmark(s: Settings) -> List[dict]:
     for seed, k, _ in cells:
         fold_of(work, seed, k)
     write_splits(work, pre_ds, pool, budget.num_val)
-    tag = f"{budget.name}_{precision}" + (f"_{budget.plans}" if s.planner else "")
+    # a cell's identity: the budget (+ an explicit precision, + a planner override). With --precision auto the same
+    # command continues on any CPU, with or without bf16 (each cell records the precision it ran in)
+    tag = budget.name + (f"_{s.precision}" if s.precision != "auto" else "") + (f"_{budget.plans}" if s.planner else "")
     da = os.environ.get("nnUNet_n_proc_DA", "0" if s.device == "cpu" else "8")
     # the models are scored on the test set by nnUNetv2_predict; nnU-Net's final validation of the few monitoring
     # cases would only add ~10 s per cell
@@ -502,7 +503,7 @@ def run_benchmark(s: Settings) -> List[dict]:
             s.device), 1)
         scores = pipeline.evaluate(work / "test" / "labels", pred, raw / ds_name / "dataset.json",
                                    pre_ds / f"{budget.plans}.json", s.num_processes)
-        row = {"method": method, "variant": variant, "labeled": k, "seed": seed, "precision": precision,
+        row = {"method": method, "variant": variant, "labeled": k, "seed": seed, "precision": precision, "setup": tag,
                "budget": budget.name, "plans": budget.plans,
                "dataset": ds_name, "pretrain_trainer": pre_trainer, "finetune_trainer": ft_trainer,
                "pretrain_iterations": iterations(pre_trainer) if pre_trainer else 0,
@@ -551,12 +552,15 @@ def write_reports(work: Path, dataset_json: dict, s: Settings) -> None:
     plot(rows, work / "results.png", rows[0]["dataset"])
 
 
-Setup = Tuple[str, str, str]  # (budget, precision, plans): cells are compared only within one set-up
+Setup = Tuple[str, str, str]  # (budget, precision or 'auto', plans): cells are compared only within one set-up
 REFERENCES = ("scratch", "scratch_long")
 FAIL_BELOW = 0.5  # a run "loses a class" when a class scores below this test Dice
 
 
 def _setup(row: dict) -> Setup:
+    if "setup" in row:  # --precision auto: cells of bf16 and fp32 machines belong to one set-up
+        explicit = row["setup"].split("_")[1] if row["setup"].split("_")[1:2] in (["fp32"], ["bf16"]) else "auto"
+        return row["budget"], explicit, row.get("plans", "")
     return row["budget"], row["precision"], row.get("plans", "")
 
 
@@ -585,7 +589,9 @@ def markdown_table(rows: List[dict], class_cols: List[str], names: Dict[str, str
              f"(bootstrap over seeds and test cases), then the number of seeds it wins. 'lost': runs with a class "
              f"below {FAIL_BELOW} Dice.", ""]
     for (budget, prec, plans), methods in _groups(rows).items():
-        lines += [f"### budget {budget}, {prec}" + (f", plans {plans}" if plans else ""), "",
+        ran = sorted({r["precision"] for by_k in methods.values() for cells in by_k.values() for r in cells.values()})
+        lines += [f"### budget {budget}, precision {prec} (cells ran in {', '.join(ran)})"
+                  + (f", plans {plans}" if plans else ""), "",
                   "| method | k | seeds | iterations (pretrain + fine-tune) | Dice | Δ scratch | wins | "
                   "Δ scratch_long | wins | lost |", "|---" * 10 + "|"]
         for method, by_k in methods.items():

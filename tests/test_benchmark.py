@@ -109,6 +109,19 @@ def test_reports_paired_differences_ci_wins_and_lost_classes(tmp_path):
     assert (tmp_path / "results.png").stat().st_size > 1000
 
 
+def test_auto_precision_cells_of_bf16_and_fp32_machines_form_one_setup(tmp_path):
+    (tmp_path / "cells").mkdir()
+    for i, (method, seed, prec) in enumerate((("scratch", 0, "bf16"), ("scratch", 1, "fp32"), ("spade", 0, "bf16"),
+                                              ("spade", 1, "fp32"))):
+        row = {**_row(method, seed, {"c": [0.5 + 0.1 * i, 0.6]}), "precision": prec, "setup": "cpu"}
+        (tmp_path / "cells" / f"{i}.json").write_text(json.dumps(row))
+    bm.write_reports(tmp_path, {"labels": {"background": 0, "a": 1, "b": 2}},
+                     bm.Settings("990", str(tmp_path), ("scratch", "spade"), (5,), (0, 1), "cpu"))
+    md = (tmp_path / "results.md").read_text()
+    assert md.count("### budget cpu") == 1 and "cells ran in bf16, fp32" in md
+    assert next(ln for ln in md.splitlines() if ln.startswith("| spade | 5 |")).split("|")[3].strip() == "2"
+
+
 def test_trainer_overrides_name_their_cells_and_report_apart(tmp_path, monkeypatch):
     from nnunet_ssl.trainers import PRETRAINING_TRAINERS
     assert "SpadePretrainTrainer_cpu_80ep" not in PRETRAINING_TRAINERS  # investigation variants are not the product
