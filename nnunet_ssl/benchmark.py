@@ -390,6 +390,9 @@ def run_benchmark(s: Settings) -> List[dict]:
     data = prepare_data(work, src, Path(s.test_raw) if s.test_raw else None, s.split_seed, s.test_fraction,
                         budget.max_test)
     pool, test, ds_name = data["pool"], data["test"], src.name
+    # cells kept outside the work dir (--cells-dir) must come from the same split: its fingerprint is in every cell
+    import hashlib
+    split_id = hashlib.sha1(json.dumps([ds_name, sorted(pool), sorted(test)]).encode()).hexdigest()[:12]
     dataset_id = ds_name[len("Dataset"):len("Dataset") + 3]
     precision = resolved_precision(s.precision, s.device)
     _log(f"benchmark on {ds_name}: pool {len(pool)} cases (pretraining; labelled subsets drawn from it), "
@@ -453,6 +456,9 @@ def run_benchmark(s: Settings) -> List[dict]:
         label = f"[{i}/{len(cells)}] {name} k={k} seed={seed}"
         if cell_file.exists():
             row = json.loads(cell_file.read_text())
+            if row.get("split_id", split_id) != split_id:
+                raise SystemExit(f"{cell_file} was scored on another pool/test split (split {row['split_id']}, this "
+                                 f"run {split_id}): use another --cells-dir for this dataset or split")
             _log(f"{label}: done before (mean Dice {row['mean_dice']:.4f})")
             return row
         times = {"pretrain_s": 0.0, "finetune_s": 0.0, "predict_s": 0.0}
@@ -504,6 +510,7 @@ def run_benchmark(s: Settings) -> List[dict]:
         scores = pipeline.evaluate(work / "test" / "labels", pred, raw / ds_name / "dataset.json",
                                    pre_ds / f"{budget.plans}.json", s.num_processes)
         row = {"method": method, "variant": variant, "labeled": k, "seed": seed, "precision": precision, "setup": tag,
+               "split_id": split_id,
                "budget": budget.name, "plans": budget.plans,
                "dataset": ds_name, "pretrain_trainer": pre_trainer, "finetune_trainer": ft_trainer,
                "pretrain_iterations": iterations(pre_trainer) if pre_trainer else 0,
