@@ -431,10 +431,12 @@ def run_benchmark(s: Settings) -> List[dict]:
     cell_dir = cells_dir_of(s)
     cell_dir.mkdir(exist_ok=True)
     jobs = max(1, int(s.jobs))
-    if jobs > 1 and "OMP_NUM_THREADS" not in os.environ:
-        # cells run side by side: each training gets its share of the cores (and its own data loading overlaps
-        # the other's compute)
-        env_extra["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // jobs))
+    if jobs > 1:
+        # cells run side by side: each training gets its share of the cores (nnUNetv2_train would take them all,
+        # see cpu_fast.apply_thread_limit), and one cell's data loading overlaps the other's compute
+        share = str(max(1, (os.cpu_count() or 1) // jobs))
+        env_extra.setdefault("OMP_NUM_THREADS", share)
+        env_extra.setdefault("NNUNET_SSL_NUM_THREADS", share)
     pretrain_locks = {m: threading.Lock() for m in s.methods}
     scratch_done = {(seed, k): threading.Event() for seed, k, _ in cells}
     if "scratch" not in s.methods:

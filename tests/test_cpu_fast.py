@@ -303,3 +303,22 @@ def test_skipped_steps_are_counted_per_epoch_and_too_many_fail():
         t.step(g)
     with pytest.raises(FloatingPointError, match="3 of 4 steps of epoch 3 had non-finite gradients"):
         t.report_skipped_steps(4)
+
+
+def test_thread_limit_caps_torch_threads(monkeypatch):
+    from nnunet_ssl.nnunet.cpu_fast import apply_thread_limit
+    before = torch.get_num_threads()
+    try:
+        monkeypatch.setenv("NNUNET_SSL_NUM_THREADS", "1")
+        torch.set_num_threads(2)  # what nnUNetv2_train does on a 2-core CPU
+        apply_thread_limit()
+        assert torch.get_num_threads() == 1
+        monkeypatch.setenv("NNUNET_SSL_NUM_THREADS", "zero")
+        with pytest.raises(ValueError, match="positive number of threads"):
+            apply_thread_limit()
+        monkeypatch.delenv("NNUNET_SSL_NUM_THREADS")
+        torch.set_num_threads(2)
+        apply_thread_limit()  # unset: nnU-Net's choice stays
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)

@@ -14,6 +14,7 @@ import torch
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 
 from nnunet_ssl.nnunet.checkpoint import CrashSafeCheckpointsMixin
+from nnunet_ssl.nnunet.cpu_fast import apply_thread_limit
 from nnunet_ssl.trainers.finetune import FinetuneRunMixin
 
 WALL_SECONDS = "NNUNET_SSL_WALL_SECONDS"
@@ -46,6 +47,10 @@ class nnUNetTrainerWallClock(FinetuneRunMixin, CrashSafeCheckpointsMixin, nnUNet
         self.num_iterations_per_epoch = type(self).num_iterations_per_epoch
         self.num_val_iterations_per_epoch = type(self).num_val_iterations_per_epoch
         self.num_epochs = type(self).max_epochs
+
+    def initialize(self):
+        apply_thread_limit(self.print_to_log_file)  # the benchmark's --jobs: a share of the cores
+        super().initialize()
 
     def elapsed(self) -> float:
         return training_seconds(self.logger.get_checkpoint())

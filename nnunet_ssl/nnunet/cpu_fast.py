@@ -65,6 +65,26 @@ def resolve_cpu_bf16(setting: bool | None, device: torch.device) -> tuple[bool, 
     return False, "auto: the CPU has no native bf16 (" + "/".join(BF16_CPU_FLAGS) + ")"
 
 
+NUM_THREADS = "NNUNET_SSL_NUM_THREADS"
+
+
+def apply_thread_limit(log=None) -> None:
+    """``NNUNET_SSL_NUM_THREADS=N`` caps torch's intra-op threads of a training process. nnUNetv2_train sets
+    ``torch.set_num_threads(cpu_count)`` on CPU whatever OMP_NUM_THREADS says, so two trainings side by side (the
+    benchmark's --jobs 2) would run 2 x cpu_count threads: oversubscribed, each step ran ~8x slower than alone
+    on 2 cores. The trainers apply the cap when they initialise, after nnU-Net's call."""
+    value = os.environ.get(NUM_THREADS, "").strip()
+    if value:
+        try:
+            n = int(value)
+            assert n > 0
+        except (ValueError, AssertionError):
+            raise ValueError(f"{NUM_THREADS}={value!r}: expected a positive number of threads") from None
+        torch.set_num_threads(n)
+        if log is not None:
+            log(f"torch threads capped at {n} ({NUM_THREADS})")
+
+
 def cpu_bf16_autocast(enabled: bool = True):
     """bf16 autocast on CPU (a no-op context when not enabled)."""
     return torch.autocast("cpu", dtype=torch.bfloat16) if enabled else nullcontext()
@@ -209,6 +229,7 @@ class CPUFastPathMixin:
 
     # ---- nnU-Net segmentation trainers (nnUNetTrainer's own steps) ----
     def initialize(self):
+        apply_thread_limit(self.print_to_log_file)
         super().initialize()
         self.setup_cpu_fast_path()
 

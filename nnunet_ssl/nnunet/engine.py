@@ -44,7 +44,7 @@ from nnunet_ssl.core.heads import GlobalProjectionHead
 from nnunet_ssl.core.losses import info_nce
 from nnunet_ssl.core.objectives import momentum_update, view_pairs
 from nnunet_ssl.nnunet.checkpoint import CrashSafeCheckpointsMixin, atomic_torch_save, load_checkpoint_file
-from nnunet_ssl.nnunet.cpu_fast import CPUFastPathMixin, contiguous_tensors
+from nnunet_ssl.nnunet.cpu_fast import CPUFastPathMixin, apply_thread_limit, contiguous_tensors
 from nnunet_ssl.nnunet.pair_loader import TwoViewDataLoader
 from nnunet_ssl.nnunet.progress import ThrottledProgressPlotMixin
 from nnunet_ssl.nnunet.transforms import split_training_transforms
@@ -320,6 +320,7 @@ class ContrastivePretrainTrainer(CrashSafeCheckpointsMixin, CPUFastPathMixin, Th
     def initialize(self):
         if self.was_initialized:
             raise RuntimeError("initialize() called twice")
+        apply_thread_limit(self.print_to_log_file)
         self._set_batch_size_and_oversample()
         if self.pairs_per_batch is not None:
             # pairs_per_batch counts the cases of one step over all DDP processes, split as nnU-Net splits its
