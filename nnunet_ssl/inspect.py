@@ -131,14 +131,8 @@ def _load_pretrained(checkpoint: str, device: torch.device):
 
 def _dense_features(tr, model, head: Optional[str], volume: torch.Tensor) -> torch.Tensor:
     """Unit-norm dense features (C,*S') of one preprocessed volume (C,*S) padded to the network's divisibility."""
-    from nnunet_ssl.nnunet.engine import encoder_strides
-    div = encoder_strides(tr.network)[-1]
-    shape = np.asarray(volume.shape[1:])
-    target = (np.ceil(shape / div) * div).astype(int)
-    pad = []
-    for s, t in zip(shape[::-1], target[::-1]):
-        pad += [0, int(t - s)]
-    x = F.pad(volume[None].float(), pad)
+    from nnunet_ssl.nnunet.engine import padded_input
+    x = padded_input(tr.network, volume)
     with torch.no_grad():
         if head is not None:
             f = model(x)[head]

@@ -39,17 +39,10 @@ def _network(ckpt: dict, random_init: bool, seed: int):
 
 def hypercolumns(network, volume: torch.Tensor) -> torch.Tensor:
     """(C_total, *S) features of one preprocessed volume (C, *S): every encoder stage's output at input resolution."""
-    from nnunet_ssl.nnunet.engine import encoder_grid
-    enc = network.encoder
-    div = np.asarray(encoder_grid(network, -1)[0], dtype=int)
+    from nnunet_ssl.nnunet.engine import encoder_grid, padded_input
     shape = np.asarray(volume.shape[1:])
-    target = (np.ceil(shape / div) * div).astype(int)
-    pad = []
-    for s, t in zip(shape[::-1], target[::-1]):
-        pad += [0, int(t - s)]
-    x = F.pad(volume[None].float(), pad)
     with torch.no_grad():
-        skips = enc(x)
+        skips = network.encoder(padded_input(network, volume))
     cols = []
     for i, f in enumerate(skips):
         scale, offset = encoder_grid(network, i)

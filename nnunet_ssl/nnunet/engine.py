@@ -144,6 +144,18 @@ def encoder_grid(network: nn.Module, stage: int) -> Tuple[Tuple[float, ...], Tup
     return feature_grid(layers)
 
 
+def padded_input(network: nn.Module, volume: torch.Tensor) -> torch.Tensor:
+    """(1, C, *S') float batch of one preprocessed volume (C, *S), zero-padded at the far end of every axis to a
+    multiple of the network's total stride (so a whole volume runs through the U-Net at once)."""
+    div = encoder_strides(network)[-1]
+    shape = np.asarray(volume.shape[1:])
+    target = (np.ceil(shape / div) * div).astype(int)
+    pad = []
+    for s, t in zip(shape[::-1], target[::-1]):
+        pad += [0, int(t - s)]
+    return torch.nn.functional.pad(volume[None].float(), pad)
+
+
 def load_head_state(heads: nn.Module, state: Dict[str, torch.Tensor]) -> None:
     """heads.load_state_dict, failing in one line when the checkpoint's heads are of another design (e.g. global
     heads written before they had a BatchNorm): the network weights of such a checkpoint still hand off."""
