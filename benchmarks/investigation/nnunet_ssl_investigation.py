@@ -68,6 +68,11 @@ class nnUNetTrainerPretrainedFinetune_cpu_lr1e2(nnUNetTrainerPretrainedFinetune_
     initial_lr = 1e-2
 
 
+class nnUNetTrainerPretrainedFinetune_cpu_lr3e3(nnUNetTrainerPretrainedFinetune_cpu):
+    """Peak lr 3e-3 instead of 1e-3."""
+    initial_lr = 3e-3
+
+
 class nnUNetTrainerPretrainedFinetune_cpu_lr3e4(nnUNetTrainerPretrainedFinetune_cpu):
     """Peak lr 3e-4 instead of 1e-3."""
     initial_lr = 3e-4
