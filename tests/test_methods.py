@@ -45,7 +45,6 @@ def _load_into_stock_net(root, ckpt, configuration):
     ("SpadeSoftPretrainTrainer_smoke", "3d_fullres", ["mean_affinity_global", "local"]),
     ("DrasCLRPretrainTrainer_smoke", "3d_fullres", ["neighbour", "mean_neg"]),
     ("MaskedReconPretrainTrainer_smoke", "3d_fullres", ["recon"]),
-    ("MaskedReconPretrainTrainer_smoke", "2d", ["recon"]),
     ("SpadeReconPretrainTrainer_smoke", "3d_fullres", ["recon", "global", "local"]),
 ])
 def test_method_runs_and_hands_off(tiny, trainer, configuration, terms):
