@@ -463,6 +463,12 @@ def run_benchmark(s: Settings) -> List[dict]:
             if row.get("split_id", split_id) != split_id:
                 raise SystemExit(f"{cell_file} was scored on another pool/test split (split {row['split_id']}, this "
                                  f"run {split_id}): use another --cells-dir for this dataset or split")
+            want = (pretrain_trainer_of(method, budget, overrides),
+                    finetune_trainer_of(method, budget, s.finetune_trainer, s.pretrained_finetune_trainer))
+            if (row["pretrain_trainer"], row["finetune_trainer"]) != want:
+                raise SystemExit(f"{cell_file} was trained with {row['pretrain_trainer'] or 'no pretraining'} + "
+                                 f"{row['finetune_trainer']}, this run would use {want[0] or 'no pretraining'} + "
+                                 f"{want[1]} (the budget changed?): move the cell away or use another --cells-dir")
             _log(f"{label}: done before (mean Dice {row['mean_dice']:.4f})")
             return row
         times = {"pretrain_s": 0.0, "finetune_s": 0.0, "predict_s": 0.0}

@@ -219,9 +219,14 @@ def test_benchmark_end_to_end_and_resume(phantom_raw, tmp_path):
     assert "seed=0: fine-tuning" not in again.stdout and "seed=0: pretraining" not in again.stdout
     assert lost.exists()
     assert Path(work / "results.csv").read_text().count("\n") == 4
-    # a kept cell of another split (e.g. a --cells-dir shared by mistake) is refused, not mixed in
+    # a kept cell trained with other trainers (the budget changed) or on another split (a --cells-dir shared by
+    # mistake) is refused, not mixed in
     scratch_cell = next((work / "cells").glob("*__scratch__k3__s0.json"))
-    scratch_cell.write_text(json.dumps({**json.loads(scratch_cell.read_text()), "split_id": "0123456789ab"}))
+    kept = json.loads(scratch_cell.read_text())
+    scratch_cell.write_text(json.dumps({**kept, "finetune_trainer": "nnUNetTrainerFinetune_cpu_80ep"}))
+    res = subprocess.run([str(c) for c in cmd], env=env, capture_output=True, text=True, timeout=600)
+    assert res.returncode != 0 and "was trained with no pretraining + nnUNetTrainerFinetune_cpu_80ep" in res.stderr
+    scratch_cell.write_text(json.dumps({**kept, "split_id": "0123456789ab"}))
     res = subprocess.run([str(c) for c in cmd], env=env, capture_output=True, text=True, timeout=600)
     assert res.returncode != 0 and "scored on another pool/test split" in res.stderr
 
