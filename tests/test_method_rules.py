@@ -73,12 +73,14 @@ def test_batch_to_device_checks_layout_and_skips_unread_per_voxel_maps():
     b = 3
     batch = {"data": torch.zeros(2 * b, 1, 4, 4, 4), "coords": torch.zeros(2 * b, 3, 4, 4, 4),
              "valid": torch.ones(2 * b, 4, 4, 4, dtype=torch.bool), "canonical_center": torch.rand(2 * b, 3),
-             "sample_index": torch.arange(b).repeat(2), "keys": ["a", "b", "c"]}
+             "sample_index": torch.arange(b).repeat(2), "keys": ["a", "b", "c"],
+             "bbox": torch.zeros(2 * b, 3, 2), "overlap": torch.ones(b), "aug_affine": torch.eye(3).repeat(2 * b, 1, 1)}
     for cls, keeps in ((SimCLRPretrainTrainer, False), (SpadePretrainTrainer, True), (SpadeSoftPretrainTrainer, True)):
         fake = SimpleNamespace(device=torch.device("cpu"), host_only_batch_keys=cls.host_only_batch_keys)
         moved = cls.batch_to_device(fake, batch)
         assert ("coords" in moved and "valid" in moved) == keeps, cls.__name__
         assert moved["keys"] == batch["keys"] and torch.equal(moved["canonical_center"], batch["canonical_center"])
+        assert not {"bbox", "overlap", "aug_affine"} & set(moved)  # descriptive entries no loss reads stay behind
     bad = dict(batch, sample_index=torch.tensor([0, 1, 2, 0, 1, 1]))  # crop 2 has one view, crop 1 three
     with pytest.raises(ValueError, match="exactly twice"):
         SpadePretrainTrainer.batch_to_device(fake, bad)

@@ -144,6 +144,12 @@ def encoder_grid(network: nn.Module, stage: int) -> Tuple[Tuple[float, ...], Tup
     return feature_grid(layers)
 
 
+# loader-batch entries that describe a crop for inspection and tests (nnunet-ssl inspect-pairs, the loader's
+# geometric tests) but that no loss reads: never copied to the device or gathered across DDP ranks
+DESCRIPTIVE_BATCH_KEYS = ("bbox", "overlap", "mm_scale", "mm_offset", "size_mm", "aug_affine", "aug_mirror",
+                          "aug_elastic")
+
+
 def padded_input(network: nn.Module, volume: torch.Tensor) -> torch.Tensor:
     """(1, C, *S') float batch of one preprocessed volume (C, *S), zero-padded at the far end of every axis to a
     multiple of the network's total stride (so a whole volume runs through the U-Net at once)."""
@@ -465,8 +471,9 @@ class ContrastivePretrainTrainer(CrashSafeCheckpointsMixin, CPUFastPathMixin, Th
         would wait for every queued kernel."""
         if "sample_index" in batch and "keys" in batch:
             view_pairs(batch["sample_index"][:2 * len(batch["keys"])].cpu())  # one-line error if not two views
+        skip = set(self.host_only_batch_keys) | set(DESCRIPTIVE_BATCH_KEYS)
         return {k: v.to(self.device, non_blocking=True) if isinstance(v, torch.Tensor) else v
-                for k, v in batch.items() if k not in self.host_only_batch_keys}
+                for k, v in batch.items() if k not in skip}
 
     def _step(self, batch: dict, train: bool) -> dict:
         batch = self.batch_to_device(batch)
