@@ -199,3 +199,33 @@ def test_pdcr_skips_a_step_with_non_finite_gradients(tiny_dataset, monkeypatch):
     assert all(torch.isfinite(v).all() for v in after.values() if v.is_floating_point())
     assert all(torch.equal(before[k], after[k]) for k in before if "running" not in k)
     assert tr.skipped_steps_epoch == 1
+
+
+def test_pdcr_checkpoint_round_trip_restores_heads_and_optimizer(tiny_dataset, monkeypatch, tmp_path):
+    from nnunet_ssl.trainers import PDCRTrainer_smoke
+    from conftest import TINY_DATASET
+    for k, v in clean_env(tiny_dataset, nnUNet_results=tmp_path).items():
+        monkeypatch.setenv(k, v)
+    pre = tiny_dataset / "preprocessed" / TINY_DATASET
+    plans = json.loads((pre / "nnUNetPlansTiny.json").read_text())
+    dataset_json = json.loads((pre / "dataset.json").read_text())
+
+    def trainer():
+        tr = PDCRTrainer_smoke(dict(plans, continue_training=False), "3d_fullres", "all", dataset_json,
+                               device=torch.device("cpu"))
+        tr.initialize()
+        return tr
+
+    tr = trainer()
+    dl_tr, _ = tr.get_dataloaders()
+    tr.train_step(next(dl_tr))
+    tr.save_checkpoint(str(tmp_path / "ckpt.pth"))
+    other = trainer()
+    other.load_checkpoint(str(tmp_path / "ckpt.pth"))
+    for a, b in zip(tr.pdcr_heads.state_dict().values(), other.pdcr_heads.state_dict().values()):
+        assert torch.equal(a, b)
+    assert {id(p) for p in other.pdcr_heads.parameters()} <= \
+        {id(p) for g in other.optimizer.param_groups for p in g["params"]}  # the optimizer trains the loaded heads
+    momentum = [s["momentum_buffer"] for s in tr.optimizer.state_dict()["state"].values()]
+    loaded = [s["momentum_buffer"] for s in other.optimizer.state_dict()["state"].values()]
+    assert len(momentum) == len(loaded) > 0 and all(torch.equal(a, b.contiguous()) for a, b in zip(momentum, loaded))

@@ -27,13 +27,14 @@ from nnunetv2.utilities.helpers import dummy_context
 from nnunet_ssl.core.composition import composition_affinity, grid_positions, label_composition
 from nnunet_ssl.core.distributed import average_gradients_, broadcast_parameters_
 from nnunet_ssl.core.losses import affinity_weighted_loss
-from nnunet_ssl.nnunet.checkpoint import CrashSafeCheckpointsMixin, atomic_torch_save
+from nnunet_ssl.nnunet.checkpoint import CrashSafeCheckpointsMixin, atomic_torch_save, load_checkpoint_file
 from nnunet_ssl.nnunet.cpu_fast import CPUFastPathMixin, contiguous_tensors
 from nnunet_ssl.nnunet.engine import encoder_strides, unwrap
 from nnunet_ssl.nnunet.feature_decoder import convert_decoder, stage_index
+from nnunet_ssl.trainers.finetune import FinetuneRunMixin
 
 
-class PDCRTrainer(CrashSafeCheckpointsMixin, CPUFastPathMixin, nnUNetTrainer):
+class PDCRTrainer(FinetuneRunMixin, CrashSafeCheckpointsMixin, CPUFastPathMixin, nnUNetTrainer):
     pdcr_stages: Tuple[int, ...] = (-2, -1)  # decoder stages (negative: from full resolution)
     pdcr_grid_stride: int = 8                # sample spacing in input voxels (rounded up to the stages' strides)
     pdcr_window_scale: int = 2               # composition window = scale x stage stride + 1 voxels per axis
@@ -195,9 +196,11 @@ class PDCRTrainer(CrashSafeCheckpointsMixin, CPUFastPathMixin, nnUNetTrainer):
         }, filename)
 
     def load_checkpoint(self, filename_or_checkpoint) -> None:
-        super().load_checkpoint(filename_or_checkpoint)
-        ckpt = filename_or_checkpoint if isinstance(filename_or_checkpoint, dict) else \
-            torch.load(filename_or_checkpoint, map_location=self.device, weights_only=False)
+        # the plugin's one loader (FinetuneRunMixin): the file is read once; the optimizer it sets up holds the
+        # projection heads, whose weights follow
+        ckpt = (load_checkpoint_file(filename_or_checkpoint, self.device)
+                if isinstance(filename_or_checkpoint, str) else filename_or_checkpoint)
+        super().load_checkpoint(ckpt)
         if "pdcr_heads" in ckpt:
             self.pdcr_heads.load_state_dict(ckpt["pdcr_heads"])
 
