@@ -93,7 +93,7 @@ def _cmd_demo(args) -> int:
 
 def _cmd_bench_speed(args) -> int:
     _require_env("nnUNet_raw", "nnUNet_preprocessed")
-    from nnunet_ssl.bench import main_bench
+    from nnunet_ssl.step_cost import main_bench
     return main_bench(args)
 
 
@@ -104,14 +104,14 @@ def _cmd_benchmark(args) -> int:
 
 def _cmd_inspect_pairs(args) -> int:
     _require_env("nnUNet_raw", "nnUNet_preprocessed")
-    from nnunet_ssl.inspect import inspect_pairs
+    from nnunet_ssl.inspection import inspect_pairs
     inspect_pairs(str(args.d), args.tr, args.c, args.p, args.f, args.anchor, args.o, args.seed, args.device)
     return 0
 
 
 def _cmd_inspect_embeddings(args) -> int:
     _require_env("nnUNet_preprocessed")
-    from nnunet_ssl.inspect import inspect_embeddings
+    from nnunet_ssl.inspection import inspect_embeddings
     inspect_embeddings(args.checkpoint, str(args.d), args.cases, args.query, args.o, args.device)
     return 0
 

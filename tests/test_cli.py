@@ -103,7 +103,7 @@ def test_demo_on_existing_dataset_holds_out_test_cases(tmp_path):
 
 
 def test_bench_speed_goals_are_judged_against_the_issue_thresholds():
-    from nnunet_ssl.bench import _goals, format_report
+    from nnunet_ssl.step_cost import _goals, format_report
     report = {
         "device": "cpu", "dataset": "1", "configuration": "3d_fullres", "plans": "p", "iterations": 3,
         "date": "2026-11-26", "reference": "nnUNetTrainer", "loader_workers": 2,
