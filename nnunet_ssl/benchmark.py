@@ -322,6 +322,7 @@ class Settings:
     pretrained_finetune_trainer: Optional[str] = None   # instead of the budget's, for pretrained starts
     cells_dir: Optional[str] = None                     # finished cells (default WORK/cells); may be in a repository
     jobs: int = 1                                       # cells trained side by side
+    prepare_only: bool = False                          # stop after the split (e.g. to tune on the pool's raw folder)
     pretrain_trainers: Tuple[Tuple[str, str], ...] = ()  # (method, trainer) instead of the budget's
 
 
@@ -392,6 +393,10 @@ def run_benchmark(s: Settings) -> List[dict]:
     data = prepare_data(work, src, Path(s.test_raw) if s.test_raw else None, s.split_seed, s.test_fraction,
                         budget.max_test)
     pool, test, ds_name = data["pool"], data["test"], src.name
+    if s.prepare_only:
+        _log(f"split written: {len(pool)} pool cases in {data['raw_dataset']}, {len(test)} test cases in "
+             f"{work / 'test'}; nothing trained (--prepare-only)")
+        return []
     # cells kept outside the work dir (--cells-dir) must come from the same split: its fingerprint is in every cell
     import hashlib
     split_id = hashlib.sha1(json.dumps([ds_name, sorted(pool), sorted(test)]).encode()).hexdigest()[:12]
@@ -709,11 +714,12 @@ def main_benchmark(args) -> int:
                  test_raw=args.test_raw, test_fraction=args.test_fraction, split_seed=args.split_seed,
                  num_processes=args.np, finetune_trainer=args.finetune_trainer, planner=args.planner,
                  pretrained_finetune_trainer=args.pretrained_finetune_trainer, cells_dir=args.cells_dir,
-                 jobs=args.jobs,
+                 jobs=args.jobs, prepare_only=args.prepare_only,
                  pretrain_trainers=tuple(_method_trainer(a) for a in args.pretrain_trainer or ()))
     work = Path(s.work_dir)
     work.mkdir(parents=True, exist_ok=True)
     (work / "settings.json").write_text(json.dumps({**asdict(s), "argv": sys.argv}, indent=1))
     run_benchmark(s)
-    print((work / "results.md").read_text())
+    if not s.prepare_only:
+        print((work / "results.md").read_text())
     return 0

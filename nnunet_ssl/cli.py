@@ -220,6 +220,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="default: scratch scratch_long stock simclr spade spade_soft (also: pcl drasclr)")
     s.add_argument("--labeled", nargs="+", type=int, default=None, help="labelled cases k (default 2 5 10)")
     s.add_argument("--seeds", nargs="+", type=int, default=None, help="fine-tuning seeds (default 0 1 2 3 4)")
+    s.add_argument("--prepare-only", action="store_true",
+                   help="write the split (the pool-only nnUNet_raw for tuning, the linked test cases) and stop")
     s.add_argument("--jobs", type=int, default=1,
                    help="cells trained side by side (each with cores/jobs threads; a stock cell waits for its scratch "
                         "cell); 2 on a 2-core CPU overlaps one cell's data loading with the other's compute")

@@ -164,6 +164,14 @@ def test_trainer_overrides_name_their_cells_and_report_apart(tmp_path, monkeypat
     assert "| spade [SpadePretrainTrainer_cpu_t03] | 5 | 1 | 10 + 20 | 0.900 [0.900, 0.900] |" in md
 
 
+def test_prepare_only_writes_the_split_and_trains_nothing(phantom_raw, tmp_path):
+    env = clean_env(tmp_path, nnUNet_raw=phantom_raw)
+    res = run([BIN / "nnunet-ssl", "benchmark", "-d", "990", "--work-dir", tmp_path / "w", "--prepare-only"], env)
+    assert "nothing trained" in res.stdout
+    assert len(list((tmp_path / "w" / "nnUNet_raw" / "Dataset990_SSLPhantom" / "labelsTr").iterdir())) == 9
+    assert not (tmp_path / "w" / "nnUNet_preprocessed").exists() and not (tmp_path / "w" / "cells").exists()
+
+
 def test_unknown_method_and_dataset_fail_clearly(tmp_path):
     env = clean_env(tmp_path)
     (tmp_path / "raw").mkdir()
