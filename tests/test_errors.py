@@ -48,7 +48,7 @@ def test_unknown_trainer_names_the_close_match_and_the_trainers_that_exist(tiny_
     _fails_with_one_line(*_train(tiny_dataset, TINY_DATASET_ID, "3d_fullres", "0", "-tr", "SpadePretrainTrainr",
                                  "-p", TINY_PLANS),
                          "unknown trainer 'SpadePretrainTrainr'", "did you mean SpadePretrainTrainer",
-                         "plugin trainers: SpadePretrainTrainer", "nnU-Net's: nnUNetTrainer", "nnunet-ssl trainers")
+                         "plugin trainers: ", " SpadePretrainTrainer,", "nnU-Net's: nnUNetTrainer", "nnunet-ssl trainers")
 
 
 @pytest.mark.slow

@@ -69,4 +69,5 @@ def test_wall_clock_stock_trainer_stops_on_time_with_a_time_poly_schedule(tiny_d
     assert sum(durations[:-1]) < 4.0
     lrs = logging["lrs"]
     assert lrs[0] == pytest.approx(1e-2) and all(a > b for a, b in zip(lrs, lrs[1:]))
-    assert "wall-clock budget 4 s used" in next(out.glob("training_log_*.txt")).read_text()
+    # (the refused first call left a log of its own in the same folder)
+    assert any("wall-clock budget 4 s used" in p.read_text() for p in out.glob("training_log_*.txt"))
