@@ -326,33 +326,24 @@ class Settings:
     pretrain_trainers: Tuple[Tuple[str, str], ...] = ()  # (method, trainer) instead of the budget's
 
 
-WALL_SECONDS = "NNUNET_SSL_WALL_SECONDS"
-
-
 def cells_dir_of(s: "Settings") -> Path:
     d = Path(s.cells_dir).resolve() if s.cells_dir else Path(s.work_dir).resolve() / "cells"
     d.mkdir(parents=True, exist_ok=True)
     return d
 
 
-def _final_logging(checkpoint: Path) -> dict:
+def finished_run(checkpoint: Path, trainer: str) -> Tuple[int, float]:
+    """(iterations, training seconds) of a finished run, from one read of its checkpoint_final: iterations are the
+    class budget, or for a wall-clock trainer the epochs it ran (nnU-Net stores the number of finished epochs in
+    checkpoint_final's current_epoch); seconds are the sum of its epochs' durations in nnU-Net's log."""
     import torch
-    return torch.load(checkpoint, map_location="cpu", weights_only=False)
 
-
-def train_seconds(checkpoint: Path) -> float:
-    """Training time of a finished run (sum of its epochs' durations in nnU-Net's log)."""
     from nnunet_ssl.trainers.stock import training_seconds
-    return training_seconds(_final_logging(checkpoint)["logging"])
-
-
-def run_iterations(checkpoint: Path, trainer: str) -> int:
-    """Iterations a finished run trained: the class budget, or for a wall-clock trainer the epochs it ran."""
+    ckpt = torch.load(checkpoint, map_location="cpu", weights_only=False)
     cls = trainer_class(trainer)
-    if getattr(cls, "max_epochs", None) is None:
-        return iterations(trainer)
-    # nnU-Net stores the number of finished epochs in checkpoint_final's current_epoch
-    return int(_final_logging(checkpoint)["current_epoch"]) * int(cls.num_iterations_per_epoch)
+    its = iterations(trainer) if getattr(cls, "max_epochs", None) is None else \
+        int(ckpt["current_epoch"]) * int(cls.num_iterations_per_epoch)
+    return its, training_seconds(ckpt["logging"])
 
 
 def with_planner(budget: Budget, planner: Optional[str]) -> Budget:
@@ -436,7 +427,6 @@ def run_benchmark(s: Settings) -> List[dict]:
     env_extra = {"nnUNet_n_proc_DA": da, "NNUNET_SSL_SKIP_FINAL_VALIDATION": "1", **_precision_env(s.precision)}
     env = lambda results: pipeline.nnunet_env(raw, preprocessed, results, env_extra)  # noqa: E731
     cell_dir = cells_dir_of(s)
-    cell_dir.mkdir(exist_ok=True)
     jobs = max(1, int(s.jobs))
     if jobs > 1:
         # cells run side by side: each training gets its share of the cores (nnUNetv2_train would take them all,
@@ -496,13 +486,14 @@ def run_benchmark(s: Settings) -> List[dict]:
         results = work / "results" / tag / name
         ft_env = env(results)
         if method == "stock":  # stock nnU-Net gets the training time of the scratch run with the same cases
+            from nnunet_ssl.trainers import stock
             scratch_done[(seed, k)].wait()
             ref = cell_dir / f"{tag}__scratch__k{k}__s{seed}.json"
             ref_s = json.loads(ref.read_text()).get("train_s") if ref.exists() else None
             if not ref_s:
                 raise SystemExit(f"{label}: needs the training time of {ref.name}, which is missing; run 'scratch' "
                                  f"for this k and seed first (same --work-dir)")
-            ft_env[WALL_SECONDS] = str(ref_s)
+            ft_env[stock.WALL_SECONDS] = str(ref_s)
         fold = fold_of(work, seed, k)
         ft_out = results / ds_name / f"{ft_trainer}__{budget.plans}__{s.configuration}" / f"fold_{fold}"
         ft_time_file = ft_out / "finetune_time.json"
@@ -522,6 +513,7 @@ def run_benchmark(s: Settings) -> List[dict]:
             work / "test" / "images", pred, int(dataset_id), s.configuration, fold, ft_trainer, budget.plans,
             env(results), work / "logs" / tag / f"predict_{name}_k{k}_s{seed}.log", f"predict {name}",
             s.device), 1)
+        ft_iterations, ft_seconds = finished_run(ft_out / "checkpoint_final.pth", ft_trainer)
         scores = pipeline.evaluate(work / "test" / "labels", pred, raw / ds_name / "dataset.json",
                                    pre_ds / f"{budget.plans}.json", s.num_processes)
         row = {"method": method, "variant": variant, "labeled": k, "seed": seed, "precision": precision, "setup": tag,
@@ -529,8 +521,7 @@ def run_benchmark(s: Settings) -> List[dict]:
                "budget": budget.name, "plans": budget.plans,
                "dataset": ds_name, "pretrain_trainer": pre_trainer, "finetune_trainer": ft_trainer,
                "pretrain_iterations": iterations(pre_trainer) if pre_trainer else 0,
-               "finetune_iterations": run_iterations(ft_out / "checkpoint_final.pth", ft_trainer),
-               "train_s": round(train_seconds(ft_out / "checkpoint_final.pth"), 1),
+               "finetune_iterations": ft_iterations, "train_s": round(ft_seconds, 1),
                "num_test": scores["num_cases"], "mean_dice": scores["mean"], "per_case": scores["per_case"],
                **{f"dice_{c}": d for c, d in scores["per_class"].items()}, **times}
         row["total_iterations"] = row["pretrain_iterations"] + row["finetune_iterations"]
