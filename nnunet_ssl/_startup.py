@@ -5,34 +5,23 @@ installed ``nnunet_ssl.pth`` runs :func:`register` at interpreter start-up, whic
 discovery folder to that variable (keeping whatever the user set). Processes nnU-Net spawns inherit the
 variable and run the hook themselves, so multi-GPU workers and inference find the trainers too.
 
-It also installs :class:`PatchOnImport`, which adds the plugin's one-line error messages for bad input to
-``nnUNetv2_train`` / ``nnUNetv2_predict`` (see ``nnunet_ssl.nnunet.command_errors``) when, and only when, those
-nnU-Net modules are imported. This module must stay cheap: standard library only.
+It also installs :class:`PatchOnImport`, which applies the plugin's patches of nnU-Net (all in
+``nnunet_ssl.nnunet.nnunet_patches``: one-line error messages for bad input to ``nnUNetv2_train`` /
+``nnUNetv2_predict``) when, and only when, those nnU-Net modules are imported. This module must stay cheap:
+standard library only.
 """
 import os
 import sys
 
-ENV_VAR = "nnUNet_extTrainer"
+from nnunet_ssl.discovery import ENV_VAR, extended_value  # standard library only
+
 DISABLE_VAR = "NNUNET_SSL_NO_AUTOREGISTER"
-# nnU-Net module -> function of nnunet_ssl.nnunet.command_errors that patches it right after it has executed
+PATCHES_MODULE = "nnunet_ssl.nnunet.nnunet_patches"
+# nnU-Net module -> function of PATCHES_MODULE that patches it right after it has executed
 PATCHED_ON_IMPORT = {
     "nnunetv2.run.run_training": "patch_run_training",
     "nnunetv2.inference.predict_from_raw_data": "patch_predict",
 }
-
-
-def discovery_folder() -> str:
-    """Folder whose single module re-exports the plugin's trainers with absolute imports."""
-    return os.path.join(os.path.dirname(os.path.abspath(__file__)), "_ext")
-
-
-def extended_value(current: str | None, folder: str | None = None) -> str:
-    """``current`` with the discovery folder appended once (user entries keep precedence)."""
-    folder = folder or discovery_folder()
-    parts = [p for p in (current or "").split(os.pathsep) if p.strip()]
-    if any(os.path.normpath(p) == os.path.normpath(folder) for p in parts):
-        return os.pathsep.join(parts)
-    return os.pathsep.join(parts + [folder])
 
 
 class PatchingLoader:
@@ -48,8 +37,8 @@ class PatchingLoader:
     def exec_module(self, module) -> None:
         self.loader.exec_module(module)
         try:
-            from nnunet_ssl.nnunet import command_errors
-            getattr(command_errors, self.patch_name)(module)
+            import importlib
+            getattr(importlib.import_module(PATCHES_MODULE), self.patch_name)(module)
         except Exception as error:  # noqa: BLE001 - the plugin must never break nnU-Net: keep nnU-Net's behaviour
             print(f"nnunet_ssl: could not add its error messages to {module.__name__} ({error!r})", file=sys.stderr)
 

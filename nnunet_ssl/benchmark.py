@@ -79,6 +79,10 @@ BUDGETS = {
     # from-scratch one (peak lr 1e-2; 1e-3 with 10 % warm-up learned too slowly: BENCHMARKS.md)
     "cpu": Budget("cpu", "nnUNetPlannerCPUWide", "nnUNetPlansCPUWide", "_cpu", "nnUNetTrainerFinetune_cpu_80ep",
                   "nnUNetTrainerFinetune_cpu_120ep", "nnUNetTrainerFinetune_cpu_80ep"),
+    # nnunet-ssl demo on its phantom (40 pool cases of 40^3): nnUNetPlannerSmall (8-64 features, patch 40^3),
+    # pretraining 1000 iterations, fine-tuning 1000 (scratch_long 2000)
+    "demo": Budget("demo", "nnUNetPlannerSmall", "nnUNetPlansSmall", "_cpu", "nnUNetTrainerFinetune_cpu",
+                   "nnUNetTrainerFinetune_cpu_80ep", "nnUNetTrainerFinetune_cpu"),
     # smoke scale: checks the whole protocol end to end in minutes; its numbers mean nothing
     "quick": Budget("quick", "nnUNetPlannerTiny", "nnUNetPlansTiny", "_smoke", "nnUNetTrainerFinetune_smoke",
                     "nnUNetTrainerFinetune_smoke_long", "nnUNetTrainerPretrainedFinetune_smoke", max_test=10,
@@ -338,11 +342,11 @@ def finished_run(checkpoint: Path, trainer: str) -> Tuple[int, float]:
     checkpoint_final's current_epoch); seconds are the sum of its epochs' durations in nnU-Net's log."""
     import torch
 
-    from nnunet_ssl.trainers.stock import training_seconds
+    from nnunet_ssl.trainers.stock import nnUNetTrainerWallClock, training_seconds
     ckpt = torch.load(checkpoint, map_location="cpu", weights_only=False)
     cls = trainer_class(trainer)
-    its = iterations(trainer) if getattr(cls, "max_epochs", None) is None else \
-        int(ckpt["current_epoch"]) * int(cls.num_iterations_per_epoch)
+    its = int(ckpt["current_epoch"]) * int(cls.num_iterations_per_epoch) \
+        if issubclass(cls, nnUNetTrainerWallClock) else iterations(trainer)
     return its, training_seconds(ckpt["logging"])
 
 

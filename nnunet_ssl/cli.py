@@ -11,7 +11,7 @@ from pathlib import Path
 
 
 def _cmd_env(args) -> int:
-    from nnunet_ssl._startup import ENV_VAR, discovery_folder, extended_value
+    from nnunet_ssl.discovery import ENV_VAR, discovery_folder, extended_value
     # the start-up hook has already extended the variable in this process; print what the user's shell needs
     print(f"export {ENV_VAR}={shlex.quote(extended_value(os.environ.get(ENV_VAR), discovery_folder()))}")
     return 0
@@ -48,9 +48,9 @@ def _cmd_trainers(args) -> int:
                       if isinstance(getattr(cls, "num_epochs", None), int) else "")
             print(f"  {name:<{width}}{budget:<12}{describe_trainer(cls, registry)}")
     if args.all:
-        from nnunet_ssl.nnunet import command_errors
-        for title, names in (("nnU-Net's trainers", command_errors.nnunet_trainer_names()),
-                             ("Your trainers (nnUNet_extTrainer)", command_errors.external_trainer_names())):
+        from nnunet_ssl.nnunet import trainer_names
+        for title, names in (("nnU-Net's trainers", trainer_names.nnunet_trainer_names()),
+                             ("Your trainers (nnUNet_extTrainer)", trainer_names.external_trainer_names())):
             print(f"{title} ({len(names)}):")
             print("\n".join(f"  {n}" for n in names) if names else "  none")
     return 0
@@ -81,11 +81,9 @@ def _cmd_add_unlabeled(args) -> int:
 
 def _cmd_demo(args) -> int:
     from nnunet_ssl.demo import QUICK, run_demo
-    kwargs = dict(labeled=args.labeled, pretrain_trainer=args.pretrain_trainer,
-                  finetune_trainer=args.finetune_trainer, planner=args.planner)
-    kwargs = {k: v for k, v in kwargs.items() if v is not None}
-    if args.quick:
-        kwargs = {**QUICK, **kwargs}
+    kwargs = dict(QUICK) if args.quick else {}
+    if args.labeled is not None:
+        kwargs["labeled"] = args.labeled
     run_demo(work_dir=args.work_dir, dataset=args.dataset, device=args.device, seed=args.seed,
              configuration=args.c, **kwargs)
     return 0
@@ -180,19 +178,17 @@ def build_parser() -> argparse.ArgumentParser:
                    help="preprocess every case again, also replacing cases of the same id added from other files")
     s.set_defaults(func=_cmd_add_unlabeled)
 
-    s = sub.add_parser("demo", help="phantom -> pretrain -> fine-tune (scratch vs pretrained) -> predict -> Dice")
+    s = sub.add_parser("demo", help="phantom -> pretrain -> fine-tune (scratch vs pretrained) -> predict -> Dice: one "
+                                    "run of the benchmark's pipeline (budget 'demo')")
     s.add_argument("--dataset", type=int, default=None,
                    help="run on this existing nnU-Net raw dataset (from nnUNet_raw) instead of the phantom")
     s.add_argument("--work-dir", default="nnunet_ssl_demo", help="all outputs go here (default: ./nnunet_ssl_demo)")
     s.add_argument("--labeled", type=int, default=None, help="labelled cases for fine-tuning (default 5)")
     s.add_argument("--quick", action="store_true",
-                   help="smoke-test scale: tiny network and phantom, 2-epoch trainers (about a minute)")
+                   help="smoke-test scale: tiny network and phantom, the benchmark's quick budget (about two minutes)")
     s.add_argument("--device", default="cpu", choices=["cpu", "cuda", "mps"])
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("-c", default="3d_fullres", help="configuration (default 3d_fullres)")
-    s.add_argument("--planner", default=None, help="default nnUNetPlannerSmall")
-    s.add_argument("--pretrain-trainer", default=None, help="default SpadePretrainTrainer_cpu")
-    s.add_argument("--finetune-trainer", default=None, help="default nnUNetTrainerFinetune_cpu")
     s.set_defaults(func=_cmd_demo)
 
     s = sub.add_parser("bench-speed", help="per-step time of pretraining trainers vs a stock nnUNetTrainer step")
@@ -304,7 +300,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    from nnunet_ssl.nnunet.command_errors import BadInputError
+    from nnunet_ssl.nnunet.input_checks import BadInputError
     try:
         return args.func(args)
     except (BadInputError, ValueError, FileNotFoundError, RuntimeError) as error:
@@ -318,7 +314,7 @@ def main(argv=None) -> int:
 def bad_input_message(error: BaseException):
     """One line for errors that are caused by the input (unknown dataset, missing or corrupt file, a value out of
     range), None for anything else (a bug keeps its traceback)."""
-    from nnunet_ssl.nnunet.command_errors import BadInputError
+    from nnunet_ssl.nnunet.input_checks import BadInputError
     text = " ".join(str(error).split())
     if isinstance(error, BadInputError) or isinstance(error, (ValueError, FileNotFoundError)):
         return text

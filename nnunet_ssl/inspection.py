@@ -102,7 +102,8 @@ def inspect_pairs(dataset: str, trainer: str, configuration: str = "3d_fullres",
 def _load_pretrained(checkpoint: str, device: torch.device):
     from nnunetv2.utilities.find_objects import recursive_find_trainer_class_by_name
     from nnunet_ssl.nnunet.checkpoint import load_checkpoint_file
-    from nnunet_ssl.nnunet.engine import ContrastiveModel, load_head_state
+    from nnunet_ssl.nnunet.engine import load_head_state
+    from nnunet_ssl.nnunet.model import ContrastiveModel
 
     ckpt = load_checkpoint_file(checkpoint, "cpu")
     if "ssl_heads" not in ckpt:
@@ -131,7 +132,7 @@ def _load_pretrained(checkpoint: str, device: torch.device):
 
 def _dense_features(tr, model, head: Optional[str], volume: torch.Tensor) -> torch.Tensor:
     """Unit-norm dense features (C,*S') of one preprocessed volume (C,*S) padded to the network's divisibility."""
-    from nnunet_ssl.nnunet.engine import padded_input
+    from nnunet_ssl.nnunet.model import padded_input
     x = padded_input(tr.network, volume)
     with torch.no_grad():
         if head is not None:

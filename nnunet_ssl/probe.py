@@ -39,7 +39,7 @@ def _network(ckpt: dict, random_init: bool, seed: int):
 
 def hypercolumns(network, volume: torch.Tensor) -> torch.Tensor:
     """(C_total, *S) features of one preprocessed volume (C, *S): every encoder stage's output at input resolution."""
-    from nnunet_ssl.nnunet.engine import encoder_grid, padded_input
+    from nnunet_ssl.nnunet.model import encoder_grid, padded_input
     shape = np.asarray(volume.shape[1:])
     with torch.no_grad():
         skips = network.encoder(padded_input(network, volume))

@@ -58,6 +58,7 @@ def test_unknown_dataset_and_corrupt_checkpoints_fail_in_one_line(tmp_path, tiny
 
 @pytest.mark.slow
 def test_demo_quick_runs_whole_pipeline(tmp_path):
+    """The demo is one benchmark run (scratch and spade, one k, one seed) on the phantom it generates."""
     env = {k: v for k, v in clean_env(tmp_path).items() if not k.startswith("nnUNet_")}
     work = tmp_path / "demo"
     res = run([BIN / "nnunet-ssl", "demo", "--quick", "--work-dir", work], env, timeout=1200)
@@ -66,21 +67,23 @@ def test_demo_quick_runs_whole_pipeline(tmp_path):
     assert set(report["results"]) == {"scratch", "spade"}
     for r in report["results"].values():
         assert r["num_cases"] == 3 and 0 <= r["mean"] <= 1 and set(r["per_class"]) == {"1", "2", "3", "4"}
-    assert not set(report["test_cases"]) & set(report["labeled_cases"])
+    assert not set(report["test_cases"]) & set(report["pool"])
+    assert set(report["labeled_cases"]) <= set(report["pool"]) and len(report["labeled_cases"]) == 3
     assert (work / "demo_results.png").stat().st_size > 1000
-    # pretraining never saw the test cases: its split is the pool only
+    # the benchmark's layout: fold 0 pretrains on the pool only, fold 1 fine-tunes on the labelled cases
     splits = json.loads((work / "nnUNet_preprocessed" / "Dataset990_SSLPhantom" / "splits_final.json").read_text())
-    assert not set(splits[1]["train"]) & set(report["test_cases"])
-    # a second run reuses every finished step
+    assert sorted(splits[0]["train"]) == sorted(report["pool"]) and splits[1]["train"] == report["labeled_cases"]
+    assert len(list((work / "cells").glob("*.json"))) == 2 and (work / "results.md").exists()
+    # a second run reuses every finished cell
     again = run([BIN / "nnunet-ssl", "demo", "--quick", "--work-dir", work], env, timeout=600)
-    assert "pretraining already done" in again.stdout
+    assert again.stdout.count("done before") == 2
 
 
 @pytest.mark.slow
 @pytest.mark.realdata
 def test_demo_on_existing_dataset_holds_out_test_cases(tmp_path):
     """`demo --dataset 4` on real MSD Hippocampus (no labelled imagesTs): a seeded 25 % hold-out is the test set
-    and never enters pretraining or fine-tuning."""
+    and never enters pretraining or fine-tuning (the quick budget scores the first 10 of its 50 cases)."""
     from conftest import HIPPOCAMPUS
     if not (HIPPOCAMPUS / "dataset.json").exists():
         pytest.skip("../shared/data/Dataset004_Hippocampus is not available")
@@ -89,14 +92,15 @@ def test_demo_on_existing_dataset_holds_out_test_cases(tmp_path):
     work = tmp_path / "demo"
     res = run([BIN / "nnunet-ssl", "demo", "--quick", "--dataset", "4", "--work-dir", work], env, timeout=1500)
     report = json.loads((work / "demo_results.json").read_text())
-    assert report["dataset"] == "Dataset004_Hippocampus" and len(report["test_cases"]) == 50
+    assert report["dataset"] == "Dataset004_Hippocampus" and len(report["test_cases"]) == 10
+    assert len(report["pool"]) == 150
     splits = json.loads((work / "nnUNet_preprocessed" / "Dataset004_Hippocampus" / "splits_final.json").read_text())
     test = set(report["test_cases"])
     assert not test & set(splits[0]["train"]) and not test & set(splits[1]["train"]) and not test & set(
         splits[1]["val"])
-    assert len(splits[1]["train"]) == 150
+    assert len(splits[0]["train"]) == 150
     for r in report["results"].values():
-        assert r["num_cases"] == 50 and set(r["per_class"]) == {"1", "2"}
+        assert r["num_cases"] == 10 and set(r["per_class"]) == {"1", "2"}
     assert "| spade |" in res.stdout
     # the user's nnU-Net folders were only read: nothing was written next to the raw data
     assert not (HIPPOCAMPUS / "splits_final.json").exists()

@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 
 from nnunet_ssl.core.affinity import box_overlap_affinity
-from nnunet_ssl.core.losses import affinity_weighted_loss
+from nnunet_ssl.core.loss import affinity_weighted_loss
 
 
 def _box(lo, hi):

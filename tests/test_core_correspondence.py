@@ -291,7 +291,7 @@ def _impulse_centres(convs, shape, out_index):
 def test_encoder_grid_matches_the_real_convolutions_impulse(strides):
     from dynamic_network_architectures.architectures.unet import PlainConvUNet
 
-    from nnunet_ssl.nnunet.engine import encoder_grid
+    from nnunet_ssl.nnunet.model import encoder_grid
     net = PlainConvUNet(1, 3, [2, 4, 8], torch.nn.Conv3d, 3, strides, 2, 2, [1, 1], norm_op=torch.nn.InstanceNorm3d,
                         nonlin=torch.nn.LeakyReLU)
     shape = (32, 32, 32)

@@ -4,7 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from nnunet_ssl.core.losses import info_nce
+from nnunet_ssl.core.loss.info_nce import info_nce
 
 
 def _reference_value(anchors, candidates, pos, neg, temperature):

@@ -7,7 +7,8 @@ import torch
 import torch.nn.functional as F
 
 from nnunet_ssl.core.heads import LocationConditionedHead
-from nnunet_ssl.core.objectives import drasclr_loss, momentum_update
+from nnunet_ssl.core.loss import drasclr_loss
+from nnunet_ssl.core.momentum import momentum_update
 from nnunet_ssl.core.selection import instance_masks, positional_masks
 
 

@@ -5,7 +5,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from nnunet_ssl.core.objectives import dense_correspondence_loss, spade_global_loss, view_pairs
+from nnunet_ssl.core.loss import dense_correspondence_loss, spade_global_loss
+from nnunet_ssl.core.selection import view_pairs
 
 
 def _slow_info_nce(z, pos, neg, tau):
@@ -152,7 +153,7 @@ def test_spade_objectives_never_wait_for_the_device():
     # every queued kernel; the objectives must issue none, apart from view_pairs' layout check of host tensors
     from torch.utils._python_dispatch import TorchDispatchMode
 
-    from nnunet_ssl.core.losses import affinity_weighted_loss
+    from nnunet_ssl.core.loss import affinity_weighted_loss
 
     syncing = {"aten._local_scalar_dense", "aten.nonzero", "aten.masked_select", "aten.is_nonzero", "aten.equal",
                "aten.item"}

@@ -4,7 +4,8 @@ import itertools
 import pytest
 import torch
 
-from nnunet_ssl.core.reconstruction import block_mask, masked_reconstruction_loss
+from nnunet_ssl.core.loss.masked_reconstruction import masked_reconstruction_loss
+from nnunet_ssl.core.masking import block_mask
 
 
 @pytest.mark.parametrize("shape,block,ratio", [((24, 32, 24), 8, 0.6), ((10, 7, 9), (4, 3, 5), 0.5), ((16, 12), 4, 0.25)])

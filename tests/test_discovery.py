@@ -4,7 +4,7 @@ import subprocess
 import sys
 
 from conftest import BIN, clean_env, run
-from nnunet_ssl._startup import discovery_folder, extended_value
+from nnunet_ssl.discovery import discovery_folder, extended_value
 
 
 def test_extended_value_appends_once_and_keeps_user_entries():

@@ -25,7 +25,7 @@ from nnunet_ssl.core.distributed import (
     shared_seed,
     view_major_index,
 )
-from nnunet_ssl.core.objectives import dense_correspondence_loss, spade_global_loss
+from nnunet_ssl.core.loss import dense_correspondence_loss, spade_global_loss
 from nnunet_ssl.core.queue import LocationBinnedQueue
 
 WORLD = 2
@@ -404,8 +404,8 @@ def test_cases_per_rank_splits_like_nnunet():
             expected = [total // world + 1 if (total // world) * world + i < total else total // world
                         for i in range(world)]
             assert split == expected and sum(split) == total
-    with pytest.raises(ValueError, match="pairs_per_batch = 1 cannot be split over 2 DDP processes"):
-        cases_per_rank(1, 2, "pairs_per_batch")
+    with pytest.raises(ValueError, match="cases_per_step = 1 cannot be split over 2 DDP processes"):
+        cases_per_rank(1, 2, "cases_per_step")
 
 
 def test_view_major_index():

@@ -11,8 +11,8 @@ import pytest
 import torch
 from conftest import BIN, TINY_DATASET, TINY_DATASET_ID, clean_env
 
-from nnunet_ssl.nnunet import command_errors
-from nnunet_ssl.nnunet.command_errors import BadInputError
+from nnunet_ssl.nnunet import input_checks, nnunet_patches, trainer_names
+from nnunet_ssl.nnunet.input_checks import BadInputError
 
 TINY_PLANS = "nnUNetPlansTiny"
 
@@ -105,7 +105,7 @@ def test_predict_with_an_untrained_model_lists_the_trained_ones(tiny_dataset, tm
 
 def test_predict_unknown_dataset_in_process(tmp_path, monkeypatch):
     from nnunetv2.inference import predict_from_raw_data
-    assert getattr(predict_from_raw_data.get_output_folder, command_errors.PATCH_MARK, False), \
+    assert getattr(predict_from_raw_data.get_output_folder, nnunet_patches.PATCH_MARK, False), \
         "the start-up hook did not patch nnUNetv2_predict's module"
     for var in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results"):
         monkeypatch.setenv(var, str(tmp_path))
@@ -117,7 +117,7 @@ def test_predict_unknown_dataset_in_process(tmp_path, monkeypatch):
 # ------------------------------------------------------------------------------------------ checks in-process
 def test_training_checks_in_process(tmp_path, monkeypatch):
     from nnunetv2.run import run_training
-    assert getattr(run_training.get_trainer_from_args, command_errors.PATCH_MARK, False)
+    assert getattr(run_training.get_trainer_from_args, nnunet_patches.PATCH_MARK, False)
     for var in ("nnUNet_preprocessed", "nnUNet_results"):
         monkeypatch.delenv(var, raising=False)
     with pytest.raises(BadInputError, match="nnUNet_preprocessed, nnUNet_results not set: export them"):
@@ -129,18 +129,18 @@ def test_training_checks_in_process(tmp_path, monkeypatch):
     (tmp_path / "raw" / "Dataset994_RawOnly").mkdir()
     with pytest.raises(BadInputError, match=r"Dataset994_RawOnly is not planned \(.*nnUNetPlans.json does not "
                                             r"exist\): run nnUNetv2_plan_and_preprocess -d 994 -c 3d_fullres"):
-        command_errors.check_training_input("994", "3d_fullres", "nnUNetPlans")
+        input_checks.check_training_input("994", "3d_fullres", "nnUNetPlans")
     (tmp_path / "raw" / "Dataset995_A").mkdir()
     (tmp_path / "pre" / "Dataset995_B").mkdir()
     with pytest.raises(BadInputError, match="dataset id 995 is ambiguous: Dataset995_A, Dataset995_B"):
-        command_errors.check_training_input("995", "3d_fullres", "nnUNetPlans")
+        input_checks.check_training_input("995", "3d_fullres", "nnUNetPlans")
     with pytest.raises(BadInputError, match="'four' is neither a dataset id"):
-        command_errors.check_training_input("four", "3d_fullres", "nnUNetPlans")
+        input_checks.check_training_input("four", "3d_fullres", "nnUNetPlans")
 
 
 def test_2d_dataset_given_a_3d_configuration():
     with pytest.raises(BadInputError, match=r"Dataset996_Flat is a 2D dataset: .*\(nnUNetPlans has: 2d\); use -c 2d"):
-        command_errors.check_configuration({"configurations": {"2d": {}}}, "Dataset996_Flat", "nnUNetPlans",
+        input_checks.check_configuration({"configurations": {"2d": {}}}, "Dataset996_Flat", "nnUNetPlans",
                                            "3d_fullres")
 
 
@@ -149,10 +149,10 @@ def test_pretrained_weights_message_in_process(tiny_dataset, tmp_path):
     network = _network(plans_file)
     fitting = tmp_path / "fitting.pth"
     torch.save({"network_weights": network.state_dict()}, fitting)
-    assert command_errors.pretrained_weights_message(network, str(fitting)) is None
+    assert input_checks.pretrained_weights_message(network, str(fitting)) is None
     truncated = tmp_path / "truncated.pth"
     truncated.write_bytes(fitting.read_bytes()[:200])
-    message = command_errors.pretrained_weights_message(network, str(truncated))
+    message = input_checks.pretrained_weights_message(network, str(truncated))
     assert "truncated or corrupt" in message and "\n" not in message
     deeper = json.loads(plans_file.read_text())  # one stage more: tensors missing from the checkpoint
     arch = deeper["configurations"]["3d_fullres"]["architecture"]["arch_kwargs"]
@@ -162,17 +162,17 @@ def test_pretrained_weights_message_in_process(tiny_dataset, tmp_path):
         arch[key] = [*arch[key], extra]
     arch["n_conv_per_stage_decoder"] = [*arch["n_conv_per_stage_decoder"], 2]
     (tmp_path / "deeper.json").write_text(json.dumps(deeper))
-    message = command_errors.pretrained_weights_message(_network(tmp_path / "deeper.json"), str(fitting))
+    message = input_checks.pretrained_weights_message(_network(tmp_path / "deeper.json"), str(fitting))
     assert "is not in the checkpoint" in message and "are missing" in message and "\n" not in message
 
 
 def test_unknown_trainer_message_is_case_aware():
-    message = command_errors.unknown_trainer_message(
+    message = trainer_names.unknown_trainer_message(
         "spadepretraintrainer", ["SpadePretrainTrainer", "SpadePretrainTrainer_cpu"], ["nnUNetTrainer"], [])
     assert "did you mean SpadePretrainTrainer? (names are case-sensitive)" in message
     assert "plugin trainers: SpadePretrainTrainer (with _cpu/_smoke variants)" in message
     assert "\n" not in message
-    assert "did you mean" not in command_errors.unknown_trainer_message("Xyz", ["SpadePretrainTrainer"], [], [])
+    assert "did you mean" not in trainer_names.unknown_trainer_message("Xyz", ["SpadePretrainTrainer"], [], [])
 
 
 def _loader_for_checks(final_patch_size=(8, 8, 8)):
@@ -220,6 +220,26 @@ def test_hook_is_cheap_and_can_be_switched_off(tmp_path):
     off = subprocess.run([sys.executable, "-c", code], env=clean_env(tmp_path, NNUNET_SSL_NO_AUTOREGISTER="1"),
                          capture_output=True, text=True, check=False)
     assert off.stdout.strip() == "False", off.stderr
+
+
+def test_start_up_hook_imports_only_discovery_and_nothing_imports_it():
+    """No import cycle: the start-up hook needs only the discovery module, and no plugin module imports the hook
+    (the patches it applies live in nnunet_patches, loaded by name when nnU-Net's modules are imported)."""
+    import ast
+    from pathlib import Path
+    code = "import sys, nnunet_ssl._startup; print(sorted(m for m in sys.modules if m.startswith('nnunet_ssl')))"
+    out = subprocess.run([sys.executable, "-c", code], env=clean_env(Path("/tmp")), capture_output=True, text=True,
+                         check=True).stdout.strip()
+    assert out == "['nnunet_ssl', 'nnunet_ssl._startup', 'nnunet_ssl.discovery']"
+    package = Path(input_checks.__file__).parents[1]
+    importers = []
+    for file in package.rglob("*.py"):
+        for node in ast.walk(ast.parse(file.read_text())):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else \
+                [node.module or ""] if isinstance(node, ast.ImportFrom) else []
+            if any(n == "nnunet_ssl._startup" for n in names):
+                importers.append(file.name)
+    assert importers == []
 
 
 def test_trainers_command_lists_plugin_trainers(capsys):

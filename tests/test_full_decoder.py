@@ -3,7 +3,7 @@ import torch
 from dynamic_network_architectures.architectures.unet import PlainConvUNet
 
 from nnunet_ssl.core.heads import DenseProjectionHead, ReconstructionHead
-from nnunet_ssl.nnunet.engine import ContrastiveModel
+from nnunet_ssl.nnunet.model import ContrastiveModel
 
 
 def _net():

@@ -115,7 +115,11 @@ def test_canonical_positions_match_truth_3d(coord_dataset, aug):
         batch = loader.generate_train_batch()
         err = _truth_vs_reported(batch, tr.plans_manager.transpose_forward, _shapes_before(batch, tr))
         assert err.shape[0] > 500, "too few valid voxels to test"
-        assert err.max() < 1.0, f"canonical position off by {err.max():.3f} voxels ({aug})"
+        # voxel centres: a dropped half-voxel offset of nnU-Net's resampling convention would shift every voxel of a
+        # resampled axis by 0.5 |s - 1| (s: cropped / preprocessed shape); interpolation at crop borders costs ~0.1
+        axis_median = err.median(dim=0).values
+        assert axis_median.max() < 0.01, f"systematic offset {axis_median.tolist()} voxels ({aug})"
+        assert err.max() < 0.2, f"canonical position off by {err.max():.3f} voxels ({aug})"
 
 
 def test_canonical_positions_match_truth_2d(coord_dataset):
@@ -124,7 +128,7 @@ def test_canonical_positions_match_truth_2d(coord_dataset):
     batch = loader.generate_train_batch()
     assert batch["data"].ndim == 4 and batch["coords"].shape[1] == 3
     err = _truth_vs_reported(batch, tr.plans_manager.transpose_forward, _shapes_before(batch, tr))
-    assert err.shape[0] > 200 and err.max() < 1.0
+    assert err.shape[0] > 200 and err.max() < 0.01
     # both views show the same slice: the slice coordinate is constant and equal across the pair
     b = len(batch["keys"])
     z, valid = batch["coords"][:, 0], batch["valid"]

@@ -1,5 +1,6 @@
 """PDCR + UAFS: composition/affinity/loss against slow references, the UAFS block, U-Net integration, and the
 trainers end to end (train -> nnUNetv2_predict -> evaluation, with and without -pretrained_weights)."""
+import itertools
 import json
 import math
 
@@ -10,7 +11,7 @@ import torch.nn.functional as F
 
 from conftest import BIN, clean_env, run
 from nnunet_ssl.core.composition import composition_affinity, grid_positions, label_composition
-from nnunet_ssl.core.losses import affinity_weighted_loss
+from nnunet_ssl.core.loss import affinity_weighted_loss
 from nnunet_ssl.core.uafs import UAFSBlock
 
 
@@ -229,3 +230,49 @@ def test_pdcr_checkpoint_round_trip_restores_heads_and_optimizer(tiny_dataset, m
     momentum = [s["momentum_buffer"] for s in tr.optimizer.state_dict()["state"].values()]
     loaded = [s["momentum_buffer"] for s in other.optimizer.state_dict()["state"].values()]
     assert len(momentum) == len(loaded) > 0 and all(torch.equal(a, b.contiguous()) for a, b in zip(momentum, loaded))
+
+
+def test_pdcr_loss_of_two_stages_matches_slow_reference():
+    """core.loss.pdcr_loss against explicit loops: grid samples (skipping ignore-labelled ones), their feature voxels
+    at each stage's stride, window compositions, both stage terms and the cross-layer term with their weights."""
+    from nnunet_ssl.core.loss.pdcr import pdcr_loss
+    g = torch.Generator().manual_seed(3)
+    lab = torch.randint(0, 3, (2, 8, 8, 8), generator=g)
+    ignore = torch.zeros(2, 8, 8, 8, dtype=torch.bool)
+    ignore[1, 2, 2, 2] = True  # the grid sample at (2, 2, 2) of case 1 drops out
+    onehot = F.one_hot(lab, 3).movedim(-1, 1).float()
+    strides = [(1, 1, 1), (2, 2, 2)]
+    feats = [torch.randn(2, 5, 8, 8, 8, generator=g), torch.randn(2, 5, 4, 4, 4, generator=g)]
+    total, terms = pdcr_loss(feats, strides, onehot, ignore, grid_stride=4, window_scale=1, temperature=0.5,
+                             weight=0.3, cross_weight=0.7, max_samples=10_000)
+
+    samples = [(b, p) for b in range(2) for p in itertools.product((2, 6), repeat=3) if not ignore[b][p]]
+    assert len(samples) == 15
+
+    def composition(b, p, window):
+        h = window // 2
+        block = lab[b][tuple(slice(max(0, c - h), c + h + 1) for c in p)]
+        return torch.tensor([float((block == c).sum()) for c in range(3)]) / block.numel()
+
+    def feature(k, b, p):
+        return F.normalize(feats[k][b][(slice(None),) + tuple(c // strides[k][0] for c in p)], dim=0)
+
+    z = [[feature(k, b, p) for b, p in samples] for k in range(2)]
+    r = [[composition(b, p, 1 * strides[k][0] + 1) for b, p in samples] for k in range(2)]
+
+    def slow_term(za, ra, zc, rc, same):
+        out = []
+        for i in range(len(za)):
+            pairs = [j for j in range(len(zc)) if not (same and j == i)]
+            aff = {j: 1 - 0.5 * float((ra[i] - rc[j]).abs().sum()) for j in pairs}
+            s = {j: float(za[i] @ zc[j]) / 0.5 for j in pairs}
+            den = sum(math.exp(s[j] * (1 - aff[j])) for j in pairs)
+            out += [-(s[j] * aff[j] - math.log(den)) for j in pairs]
+        return sum(out) / len(out)
+
+    ref = [slow_term(z[0], r[0], z[0], r[0], True), slow_term(z[1], r[1], z[1], r[1], True),
+           slow_term(z[0], r[0], z[1], r[1], False)]
+    assert terms["pdcr_0"].item() == pytest.approx(ref[0], rel=1e-5)
+    assert terms["pdcr_1"].item() == pytest.approx(ref[1], rel=1e-5)
+    assert terms["pdcr_cross"].item() == pytest.approx(ref[2], rel=1e-5)
+    assert total.item() == pytest.approx(0.3 * (ref[0] + ref[1]) + 0.7 * ref[2], rel=1e-5)

@@ -17,9 +17,10 @@ import torch
 from torch import nn
 
 from nnunet_ssl.core.heads import LocationConditionedHead
-from nnunet_ssl.core.objectives import drasclr_loss
+from nnunet_ssl.core.loss.drasclr import drasclr_loss
 from nnunet_ssl.core.queue import LocationBinnedQueue
-from nnunet_ssl.nnunet.engine import ContrastivePretrainTrainer, CPUBudget, SmokeBudget
+from nnunet_ssl.nnunet.budget import CPUBudget, SmokeBudget
+from nnunet_ssl.nnunet.engine import ContrastivePretrainTrainer
 
 
 def subject_ids(keys) -> torch.Tensor:

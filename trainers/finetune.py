@@ -4,62 +4,16 @@ Pretrained weights arrive through stock ``-pretrained_weights``; the randomly in
 produce large, noisy gradients at first, and a linear learning-rate warm-up of the whole network keeps them from
 overwriting the pretrained features before the heads have settled (nnU-Net's own ``nnUNetTrainer_warmup``).
 Use the same trainer for the from-scratch baseline so the comparison differs only in the initial weights."""
-import os
-from typing import Union
-
 import torch
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 from nnunetv2.training.nnUNetTrainer.variants.lr_schedule.nnUNetTrainer_warmup import nnUNetTrainer_warmup
 
-from nnunet_ssl.nnunet.checkpoint import CrashSafeCheckpointsMixin, load_checkpoint_file
-from nnunet_ssl.nnunet.cpu_fast import CPUFastPathMixin
-from nnunet_ssl.nnunet.engine import unwrap
-from nnunet_ssl.nnunet.progress import ThrottledProgressPlotMixin
+from nnunet_ssl.nnunet.model import unwrap
 from nnunet_ssl.nnunet.recipe import Recipe, RecipeLRScheduler, parameter_groups
-
-SKIP_FINAL_VALIDATION = "NNUNET_SSL_SKIP_FINAL_VALIDATION"
-
-
-class FinetuneRunMixin:
-    """What every fine-tuning trainer of the plugin shares: skipping nnU-Net's final validation inside the benchmark,
-    and a ``load_checkpoint`` that works for ``--c`` (nnU-Net's own fails on a dict, and nnUNetTrainer_warmup's calls
-    torch.load without weights_only=False, which torch >= 2.6 refuses for nnU-Net's log). The optimizer of the
-    checkpoint's epoch (``optimizer_for_epoch``) is set up before its state is loaded."""
-
-    def perform_actual_validation(self, save_probabilities: bool = False):
-        # nnunet-ssl benchmark scores its models on a held-out test set with nnUNetv2_predict; nnU-Net's final
-        # validation of the monitoring cases would only cost time there
-        if os.environ.get(SKIP_FINAL_VALIDATION) == "1":
-            self.print_to_log_file(f"{SKIP_FINAL_VALIDATION}=1: skipping nnU-Net's final validation")
-            return
-        super().perform_actual_validation(save_probabilities)
-
-    def optimizer_for_epoch(self, epoch: int):
-        return self.configure_optimizers()
-
-    def load_checkpoint(self, filename_or_checkpoint: Union[dict, str]) -> None:
-        if not self.was_initialized:
-            self.initialize()
-        ckpt = (load_checkpoint_file(filename_or_checkpoint, self.device)
-                if isinstance(filename_or_checkpoint, str) else filename_or_checkpoint)
-        network = unwrap(self.network)
-        own = network.state_dict().keys()
-        network.load_state_dict({k[7:] if k not in own and k.startswith("module.") else k: v
-                                 for k, v in ckpt["network_weights"].items()})
-        self.my_init_kwargs = ckpt["init_args"]
-        self.current_epoch = ckpt["current_epoch"]
-        self.logger.load_checkpoint(ckpt["logging"])
-        self._best_ema = ckpt["_best_ema"]
-        self.inference_allowed_mirroring_axes = ckpt.get("inference_allowed_mirroring_axes",
-                                                         self.inference_allowed_mirroring_axes)
-        self.optimizer, self.lr_scheduler = self.optimizer_for_epoch(self.current_epoch)
-        self.optimizer.load_state_dict(ckpt["optimizer_state"])
-        if self.grad_scaler is not None and ckpt.get("grad_scaler_state") is not None:
-            self.grad_scaler.load_state_dict(ckpt["grad_scaler_state"])
+from nnunet_ssl.nnunet.segmentation import SegmentationTrainerMixin
 
 
-class nnUNetTrainerFinetune(FinetuneRunMixin, CrashSafeCheckpointsMixin, CPUFastPathMixin, ThrottledProgressPlotMixin,
-                            nnUNetTrainer_warmup):
+class nnUNetTrainerFinetune(SegmentationTrainerMixin, nnUNetTrainer_warmup):
     """nnU-Net's warm-up trainer with the budget as class attributes; on CPUs with native bf16 it trains with bf16
     autocast + channels-last (``cpu_bf16``, see nnunet_ssl.nnunet.cpu_fast). The from-scratch recipe."""
 
@@ -69,22 +23,11 @@ class nnUNetTrainerFinetune(FinetuneRunMixin, CrashSafeCheckpointsMixin, CPUFast
     num_val_iterations_per_epoch = 50
     initial_lr = 1e-2
 
-    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
-                 device: torch.device = torch.device("cuda")):
-        super().__init__(plans, configuration, fold, dataset_json, device)
-        cls = type(self)
-        self.num_epochs = cls.num_epochs
-        self.warmup_duration_whole_net = cls.warmup_epochs
-        self.num_iterations_per_epoch = cls.num_iterations_per_epoch
-        self.num_val_iterations_per_epoch = cls.num_val_iterations_per_epoch
-        self.initial_lr = cls.initial_lr
-
     def optimizer_for_epoch(self, epoch: int):
         return self.configure_optimizers("warmup_all" if epoch < self.warmup_duration_whole_net else "train")
 
 
-class nnUNetTrainerPretrainedFinetune(FinetuneRunMixin, CrashSafeCheckpointsMixin, CPUFastPathMixin,
-                                     ThrottledProgressPlotMixin, nnUNetTrainer):
+class nnUNetTrainerPretrainedFinetune(SegmentationTrainerMixin, nnUNetTrainer):
     """Fine-tuning recipe for pretrained starts (nnunet_ssl.nnunet.recipe; documented in README "Fine-tuning").
 
     Peak lr ``initial_lr`` (1e-3: pretrained weights need a smaller step than nnU-Net's 1e-2 from scratch), linear
@@ -106,13 +49,12 @@ class nnUNetTrainerPretrainedFinetune(FinetuneRunMixin, CrashSafeCheckpointsMixi
                  device: torch.device = torch.device("cuda")):
         super().__init__(plans, configuration, fold, dataset_json, device)
         cls = type(self)
-        self.num_epochs = cls.num_epochs
-        self.num_iterations_per_epoch = cls.num_iterations_per_epoch
-        self.num_val_iterations_per_epoch = cls.num_val_iterations_per_epoch
-        self.initial_lr = cls.initial_lr
         epochs = lambda f: int(round(f * cls.num_epochs)) if f > 0 else 0  # noqa: E731
         self.recipe = Recipe(cls.num_epochs, epochs(cls.probe_fraction), epochs(cls.decoder_warmup_fraction),
                              max(1, epochs(cls.warmup_fraction)) if cls.warmup_fraction > 0 else 0)
+
+    def optimizer_for_epoch(self, epoch: int):
+        return self.configure_optimizers()  # the recipe's scheduler sets phase, lr and frozen weights per epoch
 
     def configure_optimizers(self):
         groups = parameter_groups(unwrap(self.network), self.layer_decay)

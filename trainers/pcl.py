@@ -8,7 +8,8 @@ Supervised-contrastive loss scaled by temperature / base_temperature as in the p
 import torch
 
 from nnunet_ssl.core.selection import positional_masks
-from nnunet_ssl.nnunet.engine import CPUBudget, GlobalContrastTrainer, SmokeBudget
+from nnunet_ssl.nnunet.budget import CPUBudget, SmokeBudget
+from nnunet_ssl.nnunet.engine import GlobalContrastTrainer
 
 
 class PCLPretrainTrainer(GlobalContrastTrainer):

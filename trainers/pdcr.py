@@ -14,7 +14,7 @@ PDCRUAFSTrainer: PDCR + UAFS blocks after the same two decoder stages (see nnune
 Both work alone or on top of any pretraining checkpoint (-pretrained_weights), and predict with stock
 nnUNetv2_predict (the plugin's discovery finds the trainer at inference).
 """
-from typing import Dict, Sequence, Tuple
+from typing import Dict, Tuple
 
 import numpy as np
 import torch
@@ -24,17 +24,15 @@ from torch import nn
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 from nnunetv2.utilities.helpers import dummy_context
 
-from nnunet_ssl.core.composition import composition_affinity, grid_positions, label_composition
 from nnunet_ssl.core.distributed import average_gradients_, broadcast_parameters_
-from nnunet_ssl.core.losses import affinity_weighted_loss
-from nnunet_ssl.nnunet.checkpoint import CrashSafeCheckpointsMixin, atomic_torch_save, load_checkpoint_file
-from nnunet_ssl.nnunet.cpu_fast import CPUFastPathMixin, contiguous_tensors
-from nnunet_ssl.nnunet.engine import encoder_strides, unwrap
+from nnunet_ssl.core.loss.pdcr import pdcr_loss
+from nnunet_ssl.nnunet.budget import SmokeBudget
 from nnunet_ssl.nnunet.feature_decoder import convert_decoder, stage_index
-from nnunet_ssl.trainers.finetune import FinetuneRunMixin
+from nnunet_ssl.nnunet.model import encoder_strides, unwrap
+from nnunet_ssl.nnunet.segmentation import SegmentationTrainerMixin
 
 
-class PDCRTrainer(FinetuneRunMixin, CrashSafeCheckpointsMixin, CPUFastPathMixin, nnUNetTrainer):
+class PDCRTrainer(SegmentationTrainerMixin, nnUNetTrainer):
     pdcr_stages: Tuple[int, ...] = (-2, -1)  # decoder stages (negative: from full resolution)
     pdcr_grid_stride: int = 8                # sample spacing in input voxels (rounded up to the stages' strides)
     pdcr_window_scale: int = 2               # composition window = scale x stage stride + 1 voxels per axis
@@ -81,55 +79,26 @@ class PDCRTrainer(FinetuneRunMixin, CrashSafeCheckpointsMixin, CPUFastPathMixin,
 
     # ------------------------------------------------------------------ the regulariser
     def pdcr_regulariser(self, target: torch.Tensor) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
+        """The PDCR loss (nnunet_ssl.core.loss.pdcr) of the decoder stages captured in this step's forward pass,
+        against ``target`` in nnU-Net's label encoding (labels or regions, optional ignore label)."""
         idx, stage_strides, _ = self._stage_geometry()
         captured = unwrap(self.network).decoder.captured
         lm = self.label_manager
         seg = target[:, :1] if not lm.has_regions else target
         if lm.has_regions:
             onehot = seg[:, :len(lm.foreground_regions)].float()
-            ignore = seg[:, -1:].bool() if lm.has_ignore_label else None
+            ignore = seg[:, -1].bool() if lm.has_ignore_label else None
         else:
             lab = seg[:, 0].long()
-            ignore = (lab == lm.ignore_label)[:, None] if lm.has_ignore_label else None
+            ignore = (lab == lm.ignore_label) if lm.has_ignore_label else None
             lab = torch.where(lab == lm.ignore_label, torch.zeros_like(lab), lab) if lm.has_ignore_label else lab
             onehot = F.one_hot(lab.clamp(0, lm.num_segmentation_heads - 1), lm.num_segmentation_heads)
             onehot = onehot.movedim(-1, 1).float()
-        spatial = seg.shape[2:]
-        g = int(np.lcm.reduce([self.pdcr_grid_stride] + [int(s) for st in stage_strides for s in st]))
-        pos = grid_positions(spatial, [g] * len(spatial)).to(seg.device)
-        b = seg.shape[0]
-        valid = torch.ones(b, len(pos), dtype=torch.bool, device=seg.device)
-        if ignore is not None:  # samples centred on ignore-labelled voxels carry no composition
-            valid &= ~ignore[:, 0].flatten(1)[:, _linear(pos, spatial)]
-        valid = valid.flatten()
-        keep = torch.nonzero(valid).flatten()
-        if len(keep) > self.pdcr_max_samples:
-            keep = keep[torch.randperm(len(keep), device=keep.device)[: self.pdcr_max_samples]]
-        feats, comps = [], []
+        # projections and loss in float32 (on CUDA outside autocast; on CPU the forward's bf16 context has ended)
         with torch.autocast(self.device.type, enabled=False) if self.device.type == "cuda" else dummy_context():
-            for k, (i, st) in enumerate(zip(idx, stage_strides)):
-                f = captured[i]
-                fpos = torch.div(pos, torch.tensor(st, device=pos.device), rounding_mode="floor")
-                proj = self.pdcr_heads[k](f.float())
-                z = proj.flatten(2)[:, :, _linear(fpos, f.shape[2:])].transpose(1, 2).reshape(b * len(pos), -1)
-                r = label_composition(onehot, pos, [self.pdcr_window_scale * s + 1 for s in st])
-                feats.append(z[keep])
-                comps.append(r.reshape(b * len(pos), -1)[keep])
-        terms = {}
-        total = 0.0
-        n = len(keep)
-        off = ~torch.eye(n, dtype=torch.bool, device=seg.device)
-        for k in range(len(idx)):
-            l, _ = affinity_weighted_loss(feats[k], composition_affinity(comps[k]), off, self.pdcr_temperature)
-            terms[f"pdcr_{k}"] = l.detach()
-            total = total + self.pdcr_weight * l
-        if len(idx) == 2 and self.pdcr_cross_weight:
-            all_pairs = torch.ones(n, n, dtype=torch.bool, device=seg.device)
-            l, _ = affinity_weighted_loss(feats[0], composition_affinity(comps[0], comps[1]), all_pairs,
-                                          self.pdcr_temperature, candidates=feats[1])
-            terms["pdcr_cross"] = l.detach()
-            total = total + self.pdcr_cross_weight * l
-        return total, terms
+            features = [head(captured[i].float()) for head, i in zip(self.pdcr_heads, idx)]
+            return pdcr_loss(features, stage_strides, onehot, ignore, self.pdcr_grid_stride, self.pdcr_window_scale,
+                             self.pdcr_temperature, self.pdcr_weight, self.pdcr_cross_weight, self.pdcr_max_samples)
 
     # ------------------------------------------------------------------ training step
     def train_step(self, batch: dict) -> dict:
@@ -176,39 +145,14 @@ class PDCRTrainer(FinetuneRunMixin, CrashSafeCheckpointsMixin, CPUFastPathMixin,
             f"{k} {np.mean([o[k] for o in train_outputs]):.4f}" for k in keys))
 
     # ------------------------------------------------------------------ checkpoints: projections travel along
-    def save_checkpoint(self, filename: str) -> None:
-        if self.local_rank != 0 or self.disable_checkpointing:
-            return super().save_checkpoint(filename)
-        # contiguous copies: the CPU fast path trains in channels-last layout, checkpoints keep the standard one
-        cpu = lambda sd: {k: v.detach().cpu().clone(memory_format=torch.contiguous_format)  # noqa: E731
-                          for k, v in sd.items()}
-        atomic_torch_save({
-            "network_weights": cpu(unwrap(self.network).state_dict()),
-            "pdcr_heads": cpu(self.pdcr_heads.state_dict()),
-            "optimizer_state": contiguous_tensors(self.optimizer.state_dict()),
-            "grad_scaler_state": self.grad_scaler.state_dict() if self.grad_scaler is not None else None,
-            "logging": self.logger.get_checkpoint(),
-            "_best_ema": self._best_ema,
-            "current_epoch": self.current_epoch + 1,
-            "init_args": self.my_init_kwargs,
-            "trainer_name": self.__class__.__name__,
-            "inference_allowed_mirroring_axes": self.inference_allowed_mirroring_axes,
-        }, filename)
+    def checkpoint_state(self, filename: str) -> dict:
+        return {**super().checkpoint_state(filename),
+                "pdcr_heads": {k: v.detach().cpu() for k, v in self.pdcr_heads.state_dict().items()}}
 
-    def load_checkpoint(self, filename_or_checkpoint) -> None:
-        # the plugin's one loader (FinetuneRunMixin): the file is read once; the optimizer it sets up holds the
-        # projection heads, whose weights follow
-        ckpt = (load_checkpoint_file(filename_or_checkpoint, self.device)
-                if isinstance(filename_or_checkpoint, str) else filename_or_checkpoint)
-        super().load_checkpoint(ckpt)
+    def load_checkpoint_state(self, ckpt: dict) -> None:
+        super().load_checkpoint_state(ckpt)  # the optimizer state covers the projection heads as well
         if "pdcr_heads" in ckpt:
             self.pdcr_heads.load_state_dict(ckpt["pdcr_heads"])
-
-
-def _linear(positions: torch.Tensor, spatial: Sequence[int]) -> torch.Tensor:
-    """Flat index of (P, dim) positions in an array of shape ``spatial``."""
-    strides = [int(np.prod(spatial[d + 1:])) for d in range(len(spatial))]
-    return (positions * torch.tensor(strides, device=positions.device)).sum(1)
 
 
 class PDCRUAFSTrainer(PDCRTrainer):
@@ -222,20 +166,9 @@ class PDCRUAFSTrainer(PDCRTrainer):
         return convert_decoder(net, uafs_stages=PDCRTrainer.pdcr_stages)
 
 
-class _SmokeSegmentation:
+class PDCRTrainer_smoke(SmokeBudget, PDCRTrainer):
     """2 epochs x 2 iterations (set-up check)."""
 
-    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
-                 device: torch.device = torch.device("cuda")):
-        super().__init__(plans, configuration, fold, dataset_json, device)
-        self.num_epochs = 2
-        self.num_iterations_per_epoch = 2
-        self.num_val_iterations_per_epoch = 1
 
-
-class PDCRTrainer_smoke(_SmokeSegmentation, PDCRTrainer):
-    pass
-
-
-class PDCRUAFSTrainer_smoke(_SmokeSegmentation, PDCRUAFSTrainer):
-    pass
+class PDCRUAFSTrainer_smoke(SmokeBudget, PDCRUAFSTrainer):
+    """2 epochs x 2 iterations (set-up check)."""

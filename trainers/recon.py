@@ -6,8 +6,10 @@ its ``decoder_stage``)."""
 from torch import nn
 
 from nnunet_ssl.core.heads import ReconstructionHead
-from nnunet_ssl.core.reconstruction import block_mask, masked_reconstruction_loss
-from nnunet_ssl.nnunet.engine import ContrastivePretrainTrainer, CPUBudget, SmokeBudget
+from nnunet_ssl.core.loss.masked_reconstruction import masked_reconstruction_loss
+from nnunet_ssl.core.masking import block_mask
+from nnunet_ssl.nnunet.budget import CPUBudget, SmokeBudget
+from nnunet_ssl.nnunet.engine import ContrastivePretrainTrainer
 from nnunet_ssl.trainers.spade import SpadePretrainTrainer
 
 

@@ -3,7 +3,8 @@
 Same encoder, global head, crops, augmentation and budget as Spade's global branch; the only positive of a crop
 is its other view and every other crop of the batch is a negative (NT-Xent)."""
 from nnunet_ssl.core.selection import instance_masks
-from nnunet_ssl.nnunet.engine import CPUBudget, GlobalContrastTrainer, SmokeBudget
+from nnunet_ssl.nnunet.budget import CPUBudget, SmokeBudget
+from nnunet_ssl.nnunet.engine import GlobalContrastTrainer
 
 
 class SimCLRPretrainTrainer(GlobalContrastTrainer):

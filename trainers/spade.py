@@ -4,11 +4,12 @@ from torch import nn
 
 from nnunet_ssl.core.affinity import box_overlap_affinity
 from nnunet_ssl.core.frames import canonical_boxes
-from nnunet_ssl.core.losses import affinity_weighted_loss
+from nnunet_ssl.core.loss import affinity_weighted_loss
 from nnunet_ssl.core.heads import DenseProjectionHead, GlobalProjectionHead
-from nnunet_ssl.core.objectives import dense_correspondence_loss, spade_global_loss
+from nnunet_ssl.core.loss import dense_correspondence_loss, spade_global_loss
 from nnunet_ssl.core.selection import contrastive_masks
-from nnunet_ssl.nnunet.engine import ContrastivePretrainTrainer, CPUBudget, SmokeBudget
+from nnunet_ssl.nnunet.budget import CPUBudget, SmokeBudget
+from nnunet_ssl.nnunet.engine import ContrastivePretrainTrainer
 
 
 class SpadePretrainTrainer(ContrastivePretrainTrainer):

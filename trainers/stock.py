@@ -13,9 +13,10 @@ import time
 import torch
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 
-from nnunet_ssl.nnunet.checkpoint import CrashSafeCheckpointsMixin
+from nnunet_ssl.nnunet.budget import DeclaredBudgetMixin
+from nnunet_ssl.nnunet.checkpoint import CheckpointFormatMixin, CrashSafeCheckpointsMixin
 from nnunet_ssl.nnunet.cpu_fast import apply_thread_limit
-from nnunet_ssl.trainers.finetune import FinetuneRunMixin
+from nnunet_ssl.nnunet.segmentation import SkipFinalValidationMixin
 
 WALL_SECONDS = "NNUNET_SSL_WALL_SECONDS"
 
@@ -27,12 +28,14 @@ def training_seconds(logging: dict) -> float:
     return float(sum(e - s for s, e in zip(starts, ends)))
 
 
-class nnUNetTrainerWallClock(FinetuneRunMixin, CrashSafeCheckpointsMixin, nnUNetTrainer):
+class nnUNetTrainerWallClock(DeclaredBudgetMixin, SkipFinalValidationMixin, CrashSafeCheckpointsMixin,
+                             CheckpointFormatMixin, nnUNetTrainer):
     """nnUNetTrainer for ``NNUNET_SSL_WALL_SECONDS`` of training (the mixins give a working ``--c``, atomic
-    checkpoint writes and the benchmark's skipped final validation; nothing of the training itself changes)."""
+    checkpoint writes and the benchmark's skipped final validation; no CPU fast path: stock trains in float32;
+    nothing of the training itself changes)."""
     num_iterations_per_epoch = 25
     num_val_iterations_per_epoch = 1
-    max_epochs = 100_000  # an upper bound only; the wall clock ends the run
+    num_epochs = 100_000  # an upper bound only; the wall clock ends the run
 
     def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
                  device: torch.device = torch.device("cuda")):
@@ -44,9 +47,6 @@ class nnUNetTrainerWallClock(FinetuneRunMixin, CrashSafeCheckpointsMixin, nnUNet
         except (ValueError, AssertionError):
             raise RuntimeError(f"{type(self).__name__} trains for a wall-clock budget: set {WALL_SECONDS} to a "
                                f"positive number of seconds (got {value!r})") from None
-        self.num_iterations_per_epoch = type(self).num_iterations_per_epoch
-        self.num_val_iterations_per_epoch = type(self).num_val_iterations_per_epoch
-        self.num_epochs = type(self).max_epochs
 
     def initialize(self):
         apply_thread_limit(self.print_to_log_file)  # the benchmark's --jobs: a share of the cores

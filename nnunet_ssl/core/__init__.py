@@ -1,12 +1,14 @@
-"""Pure-tensor core of the contrastive pretraining methods (depends on torch only)."""
+"""Pure-tensor core of the methods (depends on torch only): losses in ``loss/`` (one per file), and the building
+blocks they use here."""
 from .affinity import box_overlap_affinity
 from .correspondence import feature_grid, gather_at, sample_coords, sample_correspondences
 from .heads import DenseProjectionHead, GlobalProjectionHead, LocationConditionedHead, ReconstructionHead
-from .losses import affinity_weighted_loss, info_nce
-from .objectives import drasclr_loss, momentum_update
+from .loss import (affinity_weighted_loss, dense_correspondence_loss, drasclr_loss, info_nce, masked_reconstruction_loss,
+                   pdcr_loss, spade_global_loss)
+from .masking import block_mask
+from .momentum import momentum_update
 from .queue import LocationBinnedQueue
-from .reconstruction import block_mask, masked_reconstruction_loss
-from .selection import contrastive_masks, instance_masks, positional_masks
+from .selection import contrastive_masks, instance_masks, positional_masks, view_pairs
 
 __all__ = [
     "contrastive_masks",
@@ -28,4 +30,8 @@ __all__ = [
     "ReconstructionHead",
     "block_mask",
     "masked_reconstruction_loss",
+    "pdcr_loss",
+    "spade_global_loss",
+    "dense_correspondence_loss",
+    "view_pairs",
 ]

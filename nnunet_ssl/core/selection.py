@@ -1,4 +1,5 @@
-"""Spatial-prior positive/negative pair selection (Spade)."""
+"""Pair selection: which rows of a batch are positives and negatives of each other (Spade's spatial prior,
+SimCLR's instances, PCL's positions), and which rows are the two views of one crop."""
 from typing import Optional, Tuple
 
 import torch
@@ -94,3 +95,15 @@ def positional_masks(
     off_diag = ~torch.eye(n, dtype=torch.bool, device=positions.device)
     pos = off_diag & close
     return pos, off_diag & ~pos
+
+
+def view_pairs(sample_index: Tensor) -> Tuple[Tensor, Tensor]:
+    """Row indices (a, b) of the two views of each crop, ordered by crop; works for any row order.
+
+    The layout check reads the values, which on an accelerator would wait for every queued kernel: it runs for
+    host tensors only (the engine checks each loader batch on the host before moving it to the device)."""
+    order = torch.argsort(sample_index, stable=True)
+    a, b = order[0::2], order[1::2]
+    if len(a) != len(b) or (sample_index.device.type == "cpu" and not torch.equal(sample_index[a], sample_index[b])):
+        raise ValueError("every crop must appear exactly twice in the batch (two views)")
+    return a, b

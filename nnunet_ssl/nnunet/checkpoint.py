@@ -1,4 +1,8 @@
-"""Checkpoint I/O: atomic writes and loads that fail with a clear message."""
+"""Checkpoints of every plugin trainer: one format, one writer, one loader; atomic writes; loads that fail with a
+clear message.
+
+The format is nnU-Net's own (what nnUNetv2_predict, ``--c`` and ``-pretrained_weights`` read) plus the entries a
+trainer adds in :meth:`CheckpointFormatMixin.checkpoint_state` (pretraining heads, PDCR projections, ...)."""
 from __future__ import annotations
 
 import glob
@@ -17,6 +21,11 @@ TEMPORARY_MARKER = ".tmp-"  # atomic writes go to '<name>.tmp-<pid>' first
 
 def temporary_name(filename: str) -> str:
     return f"{filename}{TEMPORARY_MARKER}{os.getpid()}"
+
+
+def destination_name(filename: str) -> str:
+    """The name a (possibly temporary) checkpoint file will have once its atomic write is done."""
+    return filename.split(TEMPORARY_MARKER)[0]
 
 
 def atomic_torch_save(obj, filename: str) -> None:
@@ -72,12 +81,10 @@ def prepare_output_folder(output_folder: str, fresh_run: bool) -> list[str]:
 
 
 class CrashSafeCheckpointsMixin:
-    """For nnUNetTrainer subclasses (first in the bases): a failed run never leaves a checkpoint_final.pth.
-
-    At the start of training the output folder is prepared (:func:`prepare_output_folder`; a run is fresh unless a
-    checkpoint was loaded, i.e. ``current_epoch`` is still 0). Trainers that save with nnU-Net's own
-    ``save_checkpoint`` get atomic writes through :func:`atomic_write_path`; trainers that override it write with
-    :func:`atomic_torch_save` themselves."""
+    """For nnUNetTrainer subclasses (before the class that writes checkpoints): a failed run never leaves a
+    checkpoint_final.pth. At the start of training the output folder is prepared (:func:`prepare_output_folder`; a
+    run is fresh unless a checkpoint was loaded, i.e. ``current_epoch`` is still 0), and every checkpoint is written
+    to a temporary file first (:func:`atomic_write_path`) and renamed once complete."""
 
     def on_train_start(self):
         if self.local_rank == 0:
@@ -102,3 +109,73 @@ def load_checkpoint_file(filename: str, map_location="cpu") -> dict:
     if not isinstance(ckpt, dict) or "network_weights" not in ckpt:
         raise ValueError(f"{filename} is not an nnU-Net checkpoint (no 'network_weights')")
     return ckpt
+
+
+def unwrapped_network(network: torch.nn.Module) -> torch.nn.Module:
+    """The plain network inside DDP and torch.compile wrappers."""
+    from torch._dynamo import OptimizedModule
+    from torch.nn.parallel import DistributedDataParallel
+    if isinstance(network, DistributedDataParallel):
+        network = network.module
+    if isinstance(network, OptimizedModule):
+        network = network._orig_mod
+    return network
+
+
+class CheckpointFormatMixin:
+    """The plugin's one checkpoint writer and loader, for nnUNetTrainer subclasses (in the bases after the mixins that
+    wrap ``save_checkpoint``: CrashSafeCheckpointsMixin's atomic write, the CPU fast path's standard layout).
+
+    A trainer adds its own entries by extending :meth:`checkpoint_state` and :meth:`load_checkpoint_state` (through
+    ``super()``); :meth:`optimizer_for_epoch` gives the optimizer and scheduler a resumed run continues with. The file
+    is read once (nnU-Net's own ``load_checkpoint`` fails on a dict and, in nnUNetTrainer_warmup, calls torch.load
+    without weights_only=False, which torch >= 2.6 refuses for nnU-Net's log)."""
+
+    def checkpoint_state(self, filename: str) -> dict:
+        """What a checkpoint holds; ``filename`` is its final name (checkpoint_final.pth, ..._latest, ..._best)."""
+        return {
+            "network_weights": {k: v.detach().cpu() for k, v in unwrapped_network(self.network).state_dict().items()},
+            "optimizer_state": self.optimizer.state_dict(),
+            "grad_scaler_state": self.grad_scaler.state_dict() if self.grad_scaler is not None else None,
+            "logging": self.logger.get_checkpoint(),
+            "_best_ema": self._best_ema,
+            "current_epoch": self.current_epoch + 1,
+            "init_args": self.my_init_kwargs,
+            "trainer_name": self.__class__.__name__,
+            "inference_allowed_mirroring_axes": self.inference_allowed_mirroring_axes,
+        }
+
+    def save_checkpoint(self, filename: str) -> None:
+        if self.local_rank != 0:
+            return
+        if self.disable_checkpointing:
+            self.print_to_log_file("No checkpoint written, checkpointing is disabled")
+            return
+        torch.save(self.checkpoint_state(destination_name(filename)), filename)
+
+    def optimizer_for_epoch(self, epoch: int):
+        """(optimizer, lr scheduler) a run resumed at ``epoch`` continues with (their states are loaded next)."""
+        return self.optimizer, self.lr_scheduler
+
+    def load_checkpoint(self, filename_or_checkpoint) -> None:
+        if not self.was_initialized:
+            self.initialize()
+        ckpt = (load_checkpoint_file(filename_or_checkpoint, self.device)
+                if isinstance(filename_or_checkpoint, str) else filename_or_checkpoint)
+        self.load_checkpoint_state(ckpt)
+
+    def load_checkpoint_state(self, ckpt: dict) -> None:
+        network = unwrapped_network(self.network)
+        own = network.state_dict().keys()
+        network.load_state_dict({k[7:] if k not in own and k.startswith("module.") else k: v
+                                 for k, v in ckpt["network_weights"].items()})
+        self.my_init_kwargs = ckpt["init_args"]
+        self.current_epoch = ckpt["current_epoch"]
+        self.logger.load_checkpoint(ckpt["logging"])
+        self._best_ema = ckpt.get("_best_ema")
+        self.inference_allowed_mirroring_axes = ckpt.get("inference_allowed_mirroring_axes",
+                                                         self.inference_allowed_mirroring_axes)
+        self.optimizer, self.lr_scheduler = self.optimizer_for_epoch(self.current_epoch)
+        self.optimizer.load_state_dict(ckpt["optimizer_state"])
+        if self.grad_scaler is not None and ckpt.get("grad_scaler_state") is not None:
+            self.grad_scaler.load_state_dict(ckpt["grad_scaler_state"])

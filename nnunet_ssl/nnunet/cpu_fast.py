@@ -154,11 +154,12 @@ class Float32Loss(nn.Module):
 
 
 class CPUFastPathMixin:
-    """bf16 autocast + channels-last training on CPU for nnUNetTrainer subclasses; put it first in the bases.
+    """bf16 autocast + channels-last training on CPU for nnUNetTrainer subclasses (before the trainer in the bases).
 
-    Segmentation trainers get it through ``initialize``/``train_step``/``validation_step`` below (nnU-Net's
-    step, forward under bf16 autocast, loss in float32, no GradScaler). Trainers that write their own steps
-    call ``setup_cpu_fast_path`` at the end of initialize and use ``cpu_autocast`` / ``cpu_fast_input``."""
+    Composes through ``super()``: ``initialize`` caps the threads (NNUNET_SSL_NUM_THREADS) before the trainer's own
+    set-up and switches its modules to channels-last after it; ``on_train_epoch_end`` reports the epoch's skipped
+    steps; ``save_checkpoint`` writes in the standard memory layout. Steps use ``cpu_autocast``, ``cpu_fast_input``
+    and ``step_if_finite``; :class:`CPUFastSegmentationMixin` gives nnU-Net's own segmentation steps the fast path."""
 
     cpu_bf16: bool | None = None  # None: on where the device is a CPU with native bf16; env NNUNET_SSL_CPU_BF16
 
@@ -227,11 +228,23 @@ class CPUFastPathMixin:
             raise FloatingPointError(f"{skipped} of {num_steps} steps of epoch {self.current_epoch} had non-finite "
                                      f"gradients; lower initial_lr, or train in float32 (NNUNET_SSL_CPU_BF16=0)")
 
-    # ---- nnU-Net segmentation trainers (nnUNetTrainer's own steps) ----
     def initialize(self):
         apply_thread_limit(self.print_to_log_file)
         super().initialize()
         self.setup_cpu_fast_path()
+
+    def on_train_epoch_end(self, train_outputs: list) -> None:
+        super().on_train_epoch_end(train_outputs)
+        self.report_skipped_steps(len(train_outputs))
+
+    def save_checkpoint(self, filename: str) -> None:
+        with self._contiguous_while_saving():
+            super().save_checkpoint(filename)
+
+
+class CPUFastSegmentationMixin(CPUFastPathMixin):
+    """The CPU fast path for nnU-Net's own segmentation steps: forward under bf16 autocast, loss in float32
+    (Float32Loss), backward outside autocast, the guarded step; no GradScaler (bf16 has float32's exponent range)."""
 
     def train_step(self, batch: dict) -> dict:
         if not self.cpu_fast_path:
@@ -249,16 +262,8 @@ class CPUFastPathMixin:
         self.step_if_finite(self.network.parameters(), 12)
         return {"loss": loss.detach().cpu().numpy()}
 
-    def on_train_epoch_end(self, train_outputs: list) -> None:
-        super().on_train_epoch_end(train_outputs)
-        self.report_skipped_steps(len(train_outputs))
-
     def validation_step(self, batch: dict) -> dict:
         if not self.cpu_fast_path:
             return super().validation_step(batch)
         with self.cpu_autocast():  # no backward here, so nnU-Net's step can run inside the context as it is
             return super().validation_step(dict(batch, data=self.cpu_fast_input(batch["data"])))
-
-    def save_checkpoint(self, filename: str) -> None:
-        with self._contiguous_while_saving():
-            super().save_checkpoint(filename)

@@ -9,16 +9,20 @@ the progress plot, atomic checkpoints, and the hand-off of the full U-Net to sto
 
 Method hyper-parameters and the training budget are class attributes, so variants are declarations::
 
-    class SpadePretrainTrainer_cpu(SpadePretrainTrainer):
-        num_epochs = 20
-        num_iterations_per_epoch = 25
+    class SpadePretrainTrainer_cpu(CPUBudget, SpadePretrainTrainer):
+        crop_scale = 0.5
+
+Layout: :class:`PretrainingEngine` holds the pretraining itself (set-up, steps, epoch logging, what a checkpoint
+holds); :class:`ContrastivePretrainTrainer` composes the plugin's shared behaviour around it through ``super()``
+(declared budgets, CPU fast path, throttled progress plot, crash-safe checkpoint writes). The model wrapper lives in
+``model``, the budgets in ``budget``, the log and its plot in ``pretraining_log``.
 """
 from __future__ import annotations
 
 import copy
 import os
 from time import time
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import numpy as np
 import torch
@@ -28,12 +32,10 @@ from batchgenerators.utilities.file_and_folder_operations import join
 from batchgeneratorsv2.transforms.utils.compose import ComposeTransforms
 from torch import nn
 from torch import distributed as dist
-from torch._dynamo import OptimizedModule
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from nnunetv2.training.data_augmentation.compute_initial_patch_size import get_patch_size
 from nnunetv2.training.dataloading.nnunet_dataset import infer_dataset_class
-from nnunetv2.training.logging.nnunet_logger import LocalLogger
 from nnunetv2.training.lr_scheduler.polylr import PolyLRScheduler
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 from nnunetv2.utilities.default_n_proc_DA import get_allowed_n_proc_DA
@@ -41,125 +43,25 @@ from nnunetv2.utilities.label_handling.label_handling import determine_num_input
 
 from nnunet_ssl.core.distributed import cases_per_rank, gather_global_batch, shared_seed
 from nnunet_ssl.core.heads import GlobalProjectionHead
-from nnunet_ssl.core.losses import info_nce
-from nnunet_ssl.core.objectives import momentum_update, view_pairs
-from nnunet_ssl.nnunet.checkpoint import CrashSafeCheckpointsMixin, atomic_torch_save, load_checkpoint_file
-from nnunet_ssl.nnunet.cpu_fast import CPUFastPathMixin, apply_thread_limit, contiguous_tensors
+from nnunet_ssl.core.loss.info_nce import info_nce
+from nnunet_ssl.core.momentum import momentum_update
+from nnunet_ssl.core.selection import view_pairs
+from nnunet_ssl.nnunet.budget import BudgetMixin, DeclaredBudgetMixin
+from nnunet_ssl.nnunet.checkpoint import CheckpointFormatMixin, CrashSafeCheckpointsMixin
+from nnunet_ssl.nnunet.cpu_fast import CPUFastPathMixin
+from nnunet_ssl.nnunet.model import ContrastiveModel, encoder_grid, encoder_strides, unwrap
 from nnunet_ssl.nnunet.pair_loader import TwoViewDataLoader
+from nnunet_ssl.nnunet.pretraining_log import ContrastiveLocalLogger
 from nnunet_ssl.nnunet.progress import ThrottledProgressPlotMixin
 from nnunet_ssl.nnunet.transforms import split_training_transforms
 from nnunet_ssl.nnunet.unlabeled import CombinedDataset, load_unlabeled_dataset
 from nnunet_ssl.nnunet.weight_scale import reset_conv_scales, scale_invariant_convs
 
-# nnU-Net's budget and optimiser attributes that a pretraining class may redeclare as class attributes
-BUDGET_ATTRIBUTES = ("num_epochs", "num_iterations_per_epoch", "num_val_iterations_per_epoch", "initial_lr",
-                     "weight_decay", "save_every")
-
-
-class ContrastiveLocalLogger(LocalLogger):
-    """nnU-Net's LocalLogger plus one list per logged loss term; draws a pretraining progress plot."""
-
-    def __init__(self, terms: Sequence[str], verbose: bool = False):
-        super().__init__(verbose)
-        self.terms = list(terms)
-        for t in self.terms:
-            self.my_fantastic_logging[f"train_{t}"] = []
-            self.my_fantastic_logging[f"val_{t}"] = []
-
-    def _epochs_logged(self) -> int:
-        keys = ["train_losses", "val_losses", "lrs", "epoch_start_timestamps", "epoch_end_timestamps"]
-        keys += [f"{p}_{t}" for t in self.terms for p in ("train", "val")]
-        return min(len(self.my_fantastic_logging[k]) for k in keys)
-
-    def plot_progress_png(self, output_folder):
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-
-        n = self._epochs_logged()
-        if n == 0:
-            return
-        log = self.my_fantastic_logging
-        x = list(range(n))
-        loss_terms = [t for t in self.terms if not t.startswith("mean_")]
-        count_terms = [t for t in self.terms if t.startswith("mean_")]
-        fig, axes = plt.subplots(4, 1, figsize=(12, 18))
-        ax = axes[0]
-        ax.plot(x, log["train_losses"][:n], "b-", lw=2, label="loss_tr")
-        ax.plot(x, log["val_losses"][:n], "r-", lw=2, label="loss_val")
-        for t in loss_terms:
-            ax.plot(x, log[f"train_{t}"][:n], "--", label=f"{t}_tr")
-            ax.plot(x, log[f"val_{t}"][:n], ":", label=f"{t}_val")
-        ax.set_xlabel("epoch"); ax.set_ylabel("contrastive loss"); ax.legend(loc="upper right")
-        ax = axes[1]
-        for t in count_terms:
-            ax.plot(x, log[f"train_{t}"][:n], label=t)
-        ax.set_xlabel("epoch"); ax.set_ylabel("pairs per anchor (train)"); ax.set_yscale("symlog")
-        if count_terms:
-            ax.legend(loc="upper right")
-        ax = axes[2]
-        ax.plot(x, [e - s for e, s in zip(log["epoch_end_timestamps"][:n], log["epoch_start_timestamps"][:n])],
-                "b-", lw=2, label="epoch duration")
-        ax.set_ylim(bottom=0); ax.set_xlabel("epoch"); ax.set_ylabel("time [s]"); ax.legend(loc="upper right")
-        ax = axes[3]
-        ax.plot(x, log["lrs"][:n], "b-", lw=2, label="learning rate")
-        ax.set_xlabel("epoch"); ax.set_ylabel("learning rate"); ax.legend(loc="upper right")
-        fig.tight_layout()
-        fig.savefig(join(output_folder, "progress.png"))
-        plt.close(fig)
-
-
-def unwrap(module: nn.Module) -> nn.Module:
-    if isinstance(module, DDP):
-        module = module.module
-    if isinstance(module, OptimizedModule):
-        module = module._orig_mod
-    return module
-
-
-def encoder_strides(network: nn.Module) -> np.ndarray:
-    """Cumulative stride of every encoder stage, shape (n_stages, dim)."""
-    enc = unwrap(network).encoder
-    dim = 3 if enc.conv_op is nn.Conv3d else 2
-    strides = [np.broadcast_to(np.asarray(s), (dim,)) for s in enc.strides]
-    return np.cumprod(np.stack(strides), axis=0)
-
-
-def encoder_grid(network: nn.Module, stage: int) -> Tuple[Tuple[float, ...], Tuple[float, ...]]:
-    """(scale, offset) of encoder stage ``stage``'s output voxels in input voxels (core ``feature_grid``), read
-    from the real convolutions on the main path (stem, then the stages' convs in order; the 1x1 ``skip`` convs of
-    residual blocks run in parallel and are left out). Decoder stages feed on the same grid through the skip
-    connection of that resolution."""
-    from nnunet_ssl.core.correspondence import feature_grid
-    enc = unwrap(network).encoder
-    stage = stage % len(enc.stages)
-    layers = []
-    for name, m in enc.named_modules():
-        if not isinstance(m, (nn.Conv2d, nn.Conv3d)) or ".skip" in f".{name}" or "skip." in name:
-            continue
-        parts = name.split(".")
-        if parts[0] == "stages" and int(parts[1]) > stage:
-            continue
-        layers.append((tuple(m.kernel_size), tuple(m.stride), tuple(m.padding)))
-    return feature_grid(layers)
-
-
 # loader-batch entries that describe a crop for inspection and tests (nnunet-ssl inspect-pairs, the loader's
 # geometric tests) but that no loss reads: never copied to the device or gathered across DDP ranks
-DESCRIPTIVE_BATCH_KEYS = ("bbox", "overlap", "mm_scale", "mm_offset", "size_mm", "aug_affine", "aug_mirror",
-                          "aug_elastic")
-
-
-def padded_input(network: nn.Module, volume: torch.Tensor) -> torch.Tensor:
-    """(1, C, *S') float batch of one preprocessed volume (C, *S), zero-padded at the far end of every axis to a
-    multiple of the network's total stride (so a whole volume runs through the U-Net at once)."""
-    div = encoder_strides(network)[-1]
-    shape = np.asarray(volume.shape[1:])
-    target = (np.ceil(shape / div) * div).astype(int)
-    pad = []
-    for s, t in zip(shape[::-1], target[::-1]):
-        pad += [0, int(t - s)]
-    return torch.nn.functional.pad(volume[None].float(), pad)
+# (documentation/batch_contract.md lists every key and its readers)
+DESCRIPTIVE_BATCH_KEYS = ("bbox", "overlap", "neighbor_overlap", "mm_scale", "mm_offset", "size_mm", "aug_affine",
+                          "aug_mirror", "aug_elastic")
 
 
 def load_head_state(heads: nn.Module, state: Dict[str, torch.Tensor]) -> None:
@@ -174,68 +76,9 @@ def load_head_state(heads: nn.Module, state: Dict[str, torch.Tensor]) -> None:
     heads.load_state_dict(state)
 
 
-class ContrastiveModel(nn.Module):
-    """U-Net + projection heads in one module, so DDP/AMP see a single forward.
-
-    ``head_inputs`` maps each head to 'bottleneck', 'decoder' (the output of decoder stage ``decoder_stage``;
-    0 = lowest resolution, negative values count from the full-resolution end) or 'full' (the last decoder stage,
-    at the input's resolution). The decoder runs only as far as needed."""
-
-    def __init__(self, network: nn.Module, heads: nn.ModuleDict, head_inputs: Dict[str, str],
-                 decoder_stage: Optional[int]):
-        super().__init__()
-        self.network = network
-        self.heads = heads
-        self.head_inputs = dict(head_inputs)
-        n_dec = len(network.decoder.stages)
-        self.decoder_stage = None if decoder_stage is None else decoder_stage % n_dec
-
-    def forward(self, x: torch.Tensor, condition: Optional[torch.Tensor] = None) -> Dict[str, torch.Tensor]:
-        """``condition`` (e.g. each crop's location) reaches the heads that declare ``conditioned = True``."""
-        skips = self.network.encoder(x)
-        feats = {"bottleneck": skips[-1]}
-        wanted = set(self.head_inputs.values())
-        if wanted & {"decoder", "full"}:
-            dec = self.network.decoder
-            last = len(dec.stages) - 1 if "full" in wanted else self.decoder_stage
-            lres = skips[-1]
-            for s in range(last + 1):
-                lres = dec.stages[s](torch.cat((dec.transpconvs[s](lres), skips[-(s + 2)]), 1))
-                if s == self.decoder_stage:
-                    feats["decoder"] = lres
-            feats["full"] = lres
-        return {name: head(feats[self.head_inputs[name]], condition) if getattr(head, "conditioned", False)
-                else head(feats[self.head_inputs[name]]) for name, head in self.heads.items()}
-
-
-class BudgetMixin:
-    """Base of declarative budget presets; put a preset first in the bases so its values win:
-    ``class SpadePretrainTrainer_cpu(CPUBudget, SpadePretrainTrainer)``."""
-
-
-class CPUBudget(BudgetMixin):
-    """Minutes on a 2-core CPU (with a small-network plan, nnUNetPlannerSmall/CPU): 40 x 25 iterations, 4 cases per
-    step, crops 0.75 x the plans' patch (24x32x24 on Hippocampus with nnUNetPlansCPU, 24^3 on the demo phantom)."""
-    num_epochs = 40
-    num_iterations_per_epoch = 25
-    num_val_iterations_per_epoch = 4
-    save_every = 5
-    crop_scale = 0.75
-    pairs_per_batch = 4
-    progress_plot_every = 10  # see nnunet_ssl.nnunet.progress
-
-
-class SmokeBudget(BudgetMixin):
-    """2 epochs x 2 iterations: checks that a dataset and set-up work end to end (not a useful pretraining)."""
-    num_epochs = 2
-    num_iterations_per_epoch = 2
-    num_val_iterations_per_epoch = 1
-    save_every = 1
-
-
-class ContrastivePretrainTrainer(CrashSafeCheckpointsMixin, CPUFastPathMixin, ThrottledProgressPlotMixin,
-                                 nnUNetTrainer):
-    """Engine for two-view contrastive pretraining; subclasses implement build_heads and compute_loss."""
+class PretrainingEngine(CheckpointFormatMixin, nnUNetTrainer):
+    """Pretraining on nnU-Net's data and network: methods (subclasses of ContrastivePretrainTrainer) implement
+    build_heads and compute_loss."""
 
     # row name of a method in ``nnunet-ssl benchmark`` (declared by the method's base trainer; variants inherit it)
     benchmark_name: Optional[str] = None
@@ -249,7 +92,7 @@ class ContrastivePretrainTrainer(CrashSafeCheckpointsMixin, CPUFastPathMixin, Th
     # checkpoint_final.pth hands each conv block over with He initialisation's weight scale (see weight_scale)
     reset_conv_scales_at_hand_off: bool = True
     # ---- sampling ----
-    pairs_per_batch: Optional[int] = None  # cases per step (2 views each); None = the plans' batch size
+    cases_per_step: Optional[int] = None  # cases per step over all DDP ranks (2 views each); None = plans' batch
     crop_overlap: Tuple[float, float] = (0.3, 0.9)  # min/max fraction of voxels the two crops share
     # pretraining crop = crop_scale x the plans' patch size (rounded down to what the U-Net can divide). Crops
     # smaller than the volumes are what gives them different positions: with nnU-Net's patch often as large as the
@@ -279,8 +122,6 @@ class ContrastivePretrainTrainer(CrashSafeCheckpointsMixin, CPUFastPathMixin, Th
     def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
                  device: torch.device = torch.device("cuda")):
         super().__init__(plans, configuration, fold, dataset_json, device)
-        for name in BUDGET_ATTRIBUTES:  # nnUNetTrainer.__init__ set instance values; class declarations win
-            setattr(self, name, getattr(type(self), name))
         self.enable_deep_supervision = False
         self.logger.local_logger = ContrastiveLocalLogger(self.logged_terms)
         self.heads = None
@@ -314,7 +155,7 @@ class ContrastivePretrainTrainer(CrashSafeCheckpointsMixin, CPUFastPathMixin, Th
         """Class-level settings of the method and its budget, recorded in the log and in checkpoints."""
         out = {}
         for klass in reversed(type(self).__mro__):
-            if issubclass(klass, (ContrastivePretrainTrainer, BudgetMixin)):
+            if issubclass(klass, (PretrainingEngine, BudgetMixin)):
                 out.update({k: v for k, v in vars(klass).items() if not k.startswith("_")
                             and isinstance(v, (int, float, str, bool, tuple, dict, type(None)))})
         return out
@@ -336,15 +177,16 @@ class ContrastivePretrainTrainer(CrashSafeCheckpointsMixin, CPUFastPathMixin, Th
 
     # ------------------------------------------------------------------ set-up
     def initialize(self):
+        # the pretraining set-up instead of nnU-Net's (no segmentation loss, heads, one module for DDP); the mixins
+        # of ContrastivePretrainTrainer run around it (thread cap before, CPU fast path after)
         if self.was_initialized:
             raise RuntimeError("initialize() called twice")
-        apply_thread_limit(self.print_to_log_file)
         self._set_batch_size_and_oversample()
-        if self.pairs_per_batch is not None:
-            # pairs_per_batch counts the cases of one step over all DDP processes, split as nnU-Net splits its
-            # batch size (the losses gather the whole batch, so the ranks together see pairs_per_batch cases)
-            split = cases_per_rank(int(self.pairs_per_batch), dist.get_world_size() if self.is_ddp else 1,
-                                   "pairs_per_batch")
+        if self.cases_per_step is not None:
+            # cases_per_step counts the cases of one step over all DDP processes, split as nnU-Net splits its
+            # batch size (the losses gather the whole batch, so the ranks together see cases_per_step cases)
+            split = cases_per_rank(int(self.cases_per_step), dist.get_world_size() if self.is_ddp else 1,
+                                   "cases_per_step")
             self.batch_size = split[self.local_rank]
         self.num_input_channels = determine_num_input_channels(self.plans_manager, self.configuration_manager,
                                                                self.dataset_json)
@@ -363,7 +205,6 @@ class ContrastivePretrainTrainer(CrashSafeCheckpointsMixin, CPUFastPathMixin, Th
         if self.use_momentum_encoder:
             self.key_model = copy.deepcopy(unwrap(model)).requires_grad_(False)
         self.loss = None
-        self.setup_cpu_fast_path()
         self.dataset_class = infer_dataset_class(self.preprocessed_dataset_folder)
         self.was_initialized = True
         self.print_to_log_file("pretraining hyper-parameters:", self.method_hyperparameters())
@@ -544,7 +385,6 @@ class ContrastivePretrainTrainer(CrashSafeCheckpointsMixin, CPUFastPathMixin, Th
 
     def on_train_epoch_end(self, train_outputs: List[dict]):
         self._log_epoch(train_outputs, "train")
-        self.report_skipped_steps(len(train_outputs))  # CPUFastPathMixin (nnUNetTrainer's epoch end is not called)
 
     def on_validation_epoch_end(self, val_outputs: List[dict]):
         self._log_epoch(val_outputs, "val")
@@ -576,38 +416,21 @@ class ContrastivePretrainTrainer(CrashSafeCheckpointsMixin, CPUFastPathMixin, Th
                                f"{join(self.output_folder, 'checkpoint_final.pth')}")
 
     # ------------------------------------------------------------------ checkpoints
-    def save_checkpoint(self, filename: str) -> None:
-        if self.local_rank != 0:
-            return
-        if self.disable_checkpointing:
-            self.print_to_log_file("No checkpoint written, checkpointing is disabled")
-            return
-        # contiguous copies: the CPU fast path trains in channels-last layout, checkpoints keep the standard one
-        cpu = lambda sd: {k: v.detach().cpu().clone(memory_format=torch.contiguous_format)  # noqa: E731
-                          for k, v in sd.items()}
-        network_weights = cpu(unwrap(self.network).state_dict())
+    def checkpoint_state(self, filename: str) -> dict:
+        state = super().checkpoint_state(filename)
         if os.path.basename(filename) == "checkpoint_final.pth" and self.reset_conv_scales_at_hand_off:
             # the hand-off: conv scales reset to He initialisation's (same function; see weight_scale). Only the
             # final checkpoint: latest/best ones resume training, whose momentum buffers match the old scales.
-            network_weights = reset_conv_scales(network_weights, scale_invariant_convs(unwrap(self.network)))
-        checkpoint = {
-            # the full U-Net (decoder and seg layers included): what stock -pretrained_weights requires
-            "network_weights": network_weights,
-            "ssl_heads": cpu(self.heads.state_dict()),
+            state["network_weights"] = reset_conv_scales(state["network_weights"],
+                                                         scale_invariant_convs(unwrap(self.network)))
+        state.update({
+            "ssl_heads": {k: v.detach().cpu() for k, v in self.heads.state_dict().items()},
             "ssl_method": {"trainer": self.__class__.__name__, **{k: repr(v) for k, v in
                                                                   self.method_hyperparameters().items()}},
             "ssl_extra_state": self.extra_checkpoint_state(),
-            "optimizer_state": contiguous_tensors(self.optimizer.state_dict()),
-            "grad_scaler_state": self.grad_scaler.state_dict() if self.grad_scaler is not None else None,
-            "logging": self.logger.get_checkpoint(),
-            "_best_ema": None,
             "ssl_best_val_loss": self.best_val_loss,
-            "current_epoch": self.current_epoch + 1,
-            "init_args": self.my_init_kwargs,
-            "trainer_name": self.__class__.__name__,
-            "inference_allowed_mirroring_axes": self.inference_allowed_mirroring_axes,
-        }
-        atomic_torch_save(checkpoint, filename)
+        })
+        return state
 
     def extra_checkpoint_state(self) -> dict:
         """Method state beyond network and heads (momentum encoder here; methods add queues etc. and call super)."""
@@ -624,26 +447,21 @@ class ContrastivePretrainTrainer(CrashSafeCheckpointsMixin, CPUFastPathMixin, Th
                                  "written by a different trainer; start a new run instead of --c")
             self.key_model.load_state_dict(state["key_model"])
 
-    def load_checkpoint(self, filename_or_checkpoint) -> None:
-        if not self.was_initialized:
-            self.initialize()
-        ckpt = load_checkpoint_file(filename_or_checkpoint, self.device) \
-            if isinstance(filename_or_checkpoint, str) else filename_or_checkpoint
+    def load_checkpoint_state(self, ckpt: dict) -> None:
         if "ssl_heads" not in ckpt:
             raise ValueError("checkpoint was not written by an nnunet_ssl pretraining trainer (no 'ssl_heads'); "
                              "use -pretrained_weights to start from other weights")
-        unwrap(self.network).load_state_dict(ckpt["network_weights"])
+        super().load_checkpoint_state(ckpt)
         load_head_state(self.heads, ckpt["ssl_heads"])
         self.load_extra_state(ckpt.get("ssl_extra_state", {}))
-        self.optimizer.load_state_dict(ckpt["optimizer_state"])
-        if self.grad_scaler is not None and ckpt.get("grad_scaler_state") is not None:
-            self.grad_scaler.load_state_dict(ckpt["grad_scaler_state"])
-        self.logger.load_checkpoint(ckpt["logging"])
-        self.my_init_kwargs = ckpt["init_args"]
-        self.current_epoch = ckpt["current_epoch"]
         self.best_val_loss = ckpt.get("ssl_best_val_loss")
-        self.inference_allowed_mirroring_axes = ckpt.get("inference_allowed_mirroring_axes",
-                                                         self.inference_allowed_mirroring_axes)
+
+
+class ContrastivePretrainTrainer(DeclaredBudgetMixin, CrashSafeCheckpointsMixin, CPUFastPathMixin,
+                                 ThrottledProgressPlotMixin, PretrainingEngine):
+    """Base class of every pretraining method: the engine, with the plugin's shared behaviour composed around it
+    (class-declared budgets, the CPU fast path's thread cap, bf16 and skipped-step report, the throttled progress
+    plot, crash-safe checkpoint writes). Subclasses implement build_heads and compute_loss."""
 
 
 class GlobalContrastTrainer(ContrastivePretrainTrainer):

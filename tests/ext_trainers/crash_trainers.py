@@ -2,8 +2,6 @@
 checkpoint, as a killed job would, when NNUNET_SSL_TEST_CRASH_AFTER_EPOCH is set."""
 import os
 
-import torch
-
 from nnunet_ssl.trainers.finetune import nnUNetTrainerFinetune_smoke
 from nnunet_ssl.trainers.spade import SpadePretrainTrainer_smoke
 
@@ -22,11 +20,7 @@ class SpadePretrainTrainer_crashtest(SpadePretrainTrainer_smoke):
 class nnUNetTrainerFinetune_crashtest(nnUNetTrainerFinetune_smoke):
     num_epochs = 5
     warmup_epochs = 2
-
-    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
-                 device: torch.device = torch.device("cuda")):
-        super().__init__(plans, configuration, fold, dataset_json, device)
-        self.save_every = 1  # nnU-Net writes checkpoint_latest.pth after every epoch
+    save_every = 1  # nnU-Net writes checkpoint_latest.pth after every epoch
 
     def on_epoch_end(self):
         epoch = self.current_epoch

@@ -1,4 +1,4 @@
-"""Masked-region reconstruction for CNNs (MAE-style masked image modelling; He et al. 2022, and for 3D CNN U-Nets
+"""Input masking for masked-region reconstruction for CNNs (MAE-style masked image modelling; He et al. 2022, and for 3D CNN U-Nets
 Wald et al. 2025, "An OpenMind for 3D medical vision self-supervised learning"; Models Genesis, Zhou et al. 2019,
 restores transformed regions in the same spirit).
 
@@ -35,13 +35,3 @@ def block_mask(batch: int, shape: Sequence[int], block: Sequence[int] | int, rat
         m = m.repeat_interleave(b, dim=1 + d)
     return m[(slice(None), *[slice(0, s) for s in shape])].to(device) if device is not None else \
         m[(slice(None), *[slice(0, s) for s in shape])]
-
-
-def masked_reconstruction_loss(prediction: Tensor, target: Tensor, mask: Tensor) -> Tensor:
-    """Mean squared error over the masked voxels (and every channel): prediction/target (B, C, *S), mask (B, *S).
-    Computed in float32; 0 (still attached to the graph) when nothing is masked."""
-    p, t = prediction.float(), target.float()
-    m = mask.to(p.dtype)[:, None]
-    squared = ((p - t) ** 2 * m).sum()
-    count = m.sum() * p.shape[1]
-    return squared / count.clamp_min(1.0)

@@ -1,38 +1,18 @@
-"""One-line errors, naming the problem and the fix, for bad input to ``nnUNetv2_train`` and ``nnUNetv2_predict``.
-
-nnU-Net's own errors for these cases are long multi-line messages, raw ``FileNotFoundError``s on a plans file,
-bare assertions, or failures much later than the cause. The plugin's start-up hook (``nnunet_ssl._startup``)
-applies the patches below right after nnU-Net's modules are imported, in every Python process (spawned DDP workers
-included; ``NNUNET_SSL_NO_AUTOREGISTER=1`` switches it off):
-
-* ``nnunetv2.run.run_training``: ``get_trainer_from_args`` checks the nnU-Net paths, the dataset, its plans, the
-  configuration and the preprocessed data before nnU-Net builds the trainer (only folders and JSON files are
-  read), and lists the trainers that exist when the requested one is unknown; ``maybe_load_checkpoint`` explains
-  ``-pretrained_weights`` that do not fit the network; ``run_training_entry`` prints these errors as one line.
-* ``nnunetv2.inference.predict_from_raw_data``: ``get_output_folder`` checks the dataset and that the trained
-  model folder exists; ``predict_entry_point`` prints these errors as one line.
-
-A failure the checks do not recognise keeps nnU-Net's own error. Every message is a :class:`BadInputError`
-(a ``RuntimeError``) whose text is one line."""
+"""Checks of the input to nnU-Net's commands, each failing with one line that names the problem and the fix
+(:class:`BadInputError`): nnU-Net paths, dataset, plans, configuration, preprocessed data, pretrained weights that do
+not fit, a trained model folder that does not exist. Used by the patches of ``nnunet_patches`` and by nnunet-ssl's own
+commands."""
 from __future__ import annotations
 
 import difflib
-import functools
-import importlib.util
-import inspect
 import json
 import os
-import re
-import sys
 from collections.abc import Iterable
 from pathlib import Path
 
 PATH_VARIABLES = ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results")
 # files in a preprocessed dataset folder that are not plans
 NOT_PLANS = {"dataset.json", "dataset_fingerprint.json", "splits_final.json"}
-# nnU-Net's error when a trainer class is not found (nnunetv2/utilities/find_objects.py)
-NNUNET_TRAINER_NOT_FOUND = "Could not find requested nnunet trainer"
-PATCH_MARK = "_nnunet_ssl_patched"
 
 
 class BadInputError(RuntimeError):
@@ -51,73 +31,6 @@ def _listing(names: Iterable[str], limit: int = 8) -> str:
     return shown + (f" and {len(names) - limit} more" if len(names) > limit else "")
 
 
-# ---------------------------------------------------------------------------------------------------- trainers
-def nnunet_trainer_names() -> list[str]:
-    """Trainer classes shipped with nnU-Net, read from its source (no import: the lookup that just failed has
-    imported them already, and this must also work when an import is broken)."""
-    spec = importlib.util.find_spec("nnunetv2")
-    if spec is None or not spec.submodule_search_locations:
-        return []
-    return _class_names_in(Path(next(iter(spec.submodule_search_locations))) / "training" / "nnUNetTrainer")
-
-
-def external_trainer_names() -> list[str]:
-    """Trainer classes in the user's own ``nnUNet_extTrainer`` folders (the plugin's discovery folder excluded)."""
-    from nnunet_ssl._startup import discovery_folder
-
-    names = []
-    for folder in os.environ.get("nnUNet_extTrainer", "").split(os.pathsep):
-        if folder.strip() and os.path.isdir(folder) and os.path.normpath(folder) != os.path.normpath(
-                discovery_folder()):
-            names += _class_names_in(Path(folder))
-    return names
-
-
-def _class_names_in(folder: Path) -> list[str]:
-    pattern = re.compile(r"^class\s+(\w*Trainer\w*)\s*[(:]", re.MULTILINE)
-    names = set()
-    for file in folder.rglob("*.py"):
-        try:
-            names.update(pattern.findall(file.read_text(errors="replace")))
-        except OSError:
-            continue
-    return sorted(names, key=lambda n: (n != "nnUNetTrainer", n.lower()))
-
-
-def plugin_trainer_names() -> list[str]:
-    from nnunet_ssl.trainers import PRETRAINING_TRAINERS, SEGMENTATION_TRAINERS
-
-    return list(PRETRAINING_TRAINERS) + list(SEGMENTATION_TRAINERS)
-
-
-def trainer_families(names: list[str]) -> list[str]:
-    """Names that are not a variant of another name (``X_cpu``, ``X_smoke_long`` are variants of ``X``)."""
-    return [n for n in names if not any(n != m and n.startswith(m + "_") for m in names)]
-
-
-def unknown_trainer_message(name: str, plugin: list[str], nnunet: list[str], external: list[str]) -> str:
-    known = list(dict.fromkeys(plugin + external + nnunet))
-    by_lower = {}
-    for candidate in known:
-        by_lower.setdefault(candidate.lower(), candidate)
-    close = [by_lower[c] for c in difflib.get_close_matches(name.lower(), list(by_lower), n=2, cutoff=0.75)]
-    if name.lower() in by_lower:  # only the case is wrong: that is the answer
-        close = [by_lower[name.lower()]]
-    parts = [f"unknown trainer '{name}'"]
-    if close:
-        parts.append(f"did you mean {close[0]}" + (f" (or {close[1]})" if len(close) > 1 else "") + "?"
-                     + (" (names are case-sensitive)" if close[0].lower() == name.lower() else ""))
-    parts.append(f"plugin trainers: {', '.join(trainer_families(plugin))} (with _cpu/_smoke variants)")
-    if external:
-        parts.append(f"yours (nnUNet_extTrainer): {_listing(external)}")
-    examples = [n for n in ("nnUNetTrainer", "nnUNetTrainer_warmup", "nnUNetTrainer_100epochs",
-                            "nnUNetTrainerNoMirroring") if n in nnunet]
-    parts.append(f"nnU-Net's: {', '.join(examples)} and {max(len(nnunet) - len(examples), 0)} more")
-    return "; ".join(parts) + (" (run `nnunet-ssl trainers --all` for every name; a trainer of your own is found "
-                               "when its folder is in nnUNet_extTrainer)")
-
-
-# ---------------------------------------------------------------------------------------------------- datasets
 def require_paths(names: Iterable[str]) -> None:
     missing = [n for n in names if not os.environ.get(n)]
     if missing:
@@ -215,7 +128,6 @@ def check_training_input(dataset_name_or_id, configuration: str, plans_identifie
     check_preprocessed(plans, dataset_name, plans_identifier, configuration)
 
 
-# ---------------------------------------------------------------------------------------------------- weights
 def pretrained_weights_message(network, weights_file: str, trainer=None) -> str | None:
     """Why ``weights_file`` cannot initialise ``network`` (nnU-Net's -pretrained_weights rule), or None if it can."""
     from nnunet_ssl.nnunet.checkpoint import load_checkpoint_file
@@ -247,7 +159,6 @@ def pretrained_weights_message(network, weights_file: str, trainer=None) -> str 
         f"`nnUNetv2_move_plans_between_datasets`; check with `{check}`")
 
 
-# ---------------------------------------------------------------------------------------------------- prediction
 def check_model_folder(model_folder: str, dataset_name: str) -> None:
     if os.path.isdir(model_folder):
         return
@@ -258,86 +169,3 @@ def check_model_folder(model_folder: str, dataset_name: str) -> None:
     raise BadInputError(f"no trained model {wanted} for {dataset_name} ({model_folder} does not exist); trained "
                         f"models (TRAINER__PLANS__CONFIGURATION): {_listing(trained)}"
                         + (f"; did you mean {close[0]}?" if close else "") + "; check -tr, -p and -c")
-
-
-# ---------------------------------------------------------------------------------------------------- patches
-def _mark(function):
-    setattr(function, PATCH_MARK, True)
-    return function
-
-
-def _already_patched(function) -> bool:
-    return getattr(function, PATCH_MARK, False)
-
-
-def _one_line_exit(entry_point, program: str):
-    """Command-line entry point that prints a BadInputError as one line (exit code 1) instead of a traceback."""
-
-    @functools.wraps(entry_point)
-    def run_command(*args, **kwargs):
-        try:
-            return entry_point(*args, **kwargs)
-        except BadInputError as error:
-            sys.exit(f"{program}: error: {error}")
-
-    return _mark(run_command)
-
-
-def patch_run_training(module) -> None:
-    """Applied to ``nnunetv2.run.run_training`` right after it has been imported."""
-    if _already_patched(module.get_trainer_from_args):
-        return
-    original_get_trainer = module.get_trainer_from_args
-    signature = inspect.signature(original_get_trainer)
-
-    @functools.wraps(original_get_trainer)
-    def get_trainer_from_args(*args, **kwargs):
-        arguments = signature.bind(*args, **kwargs)
-        arguments.apply_defaults()
-        given = arguments.arguments
-        check_training_input(given["dataset_name_or_id"], given["configuration"], given["plans_identifier"])
-        try:
-            return original_get_trainer(*args, **kwargs)
-        except RuntimeError as error:
-            if NNUNET_TRAINER_NOT_FOUND not in str(error):
-                raise
-            raise BadInputError(unknown_trainer_message(given["trainer_name"], plugin_trainer_names(),
-                                                        nnunet_trainer_names(), external_trainer_names())) from None
-
-    original_load = module.maybe_load_checkpoint
-
-    @functools.wraps(original_load)
-    def maybe_load_checkpoint(nnunet_trainer, continue_training, validation_only, pretrained_weights_file=None):
-        try:
-            return original_load(nnunet_trainer, continue_training, validation_only, pretrained_weights_file)
-        except Exception:
-            if pretrained_weights_file is None or continue_training or getattr(nnunet_trainer, "network",
-                                                                               None) is None:
-                raise
-            message = pretrained_weights_message(nnunet_trainer.network, pretrained_weights_file, nnunet_trainer)
-            if message is None:
-                raise
-            raise BadInputError(message) from None
-
-    module.get_trainer_from_args = _mark(get_trainer_from_args)
-    module.maybe_load_checkpoint = _mark(maybe_load_checkpoint)
-    module.run_training_entry = _one_line_exit(module.run_training_entry, "nnUNetv2_train")
-
-
-def patch_predict(module) -> None:
-    """Applied to ``nnunetv2.inference.predict_from_raw_data`` right after it has been imported (there,
-    ``get_output_folder`` only locates the trained model of ``nnUNetv2_predict``)."""
-    if _already_patched(module.get_output_folder):
-        return
-    original_output_folder = module.get_output_folder
-
-    @functools.wraps(original_output_folder)
-    def get_output_folder(dataset_name_or_id, trainer_name="nnUNetTrainer", plans_identifier="nnUNetPlans",
-                          configuration="3d_fullres", fold=None):
-        dataset_name = resolve_dataset(dataset_name_or_id, ("nnUNet_results",))
-        folder = original_output_folder(dataset_name, trainer_name, plans_identifier, configuration, fold)
-        check_model_folder(folder if fold is None else os.path.dirname(folder), dataset_name)
-        return folder
-
-    module.get_output_folder = _mark(get_output_folder)
-    module.predict_entry_point = _one_line_exit(module.predict_entry_point, "nnUNetv2_predict")
