@@ -172,6 +172,27 @@ def test_prepare_only_writes_the_split_and_trains_nothing(phantom_raw, tmp_path)
     assert not (tmp_path / "w" / "nnUNet_preprocessed").exists() and not (tmp_path / "w" / "cells").exists()
 
 
+@pytest.mark.realdata
+def test_hippocampus_hold_out_is_seeded_and_never_in_the_pool(tmp_path):
+    """On real MSD Hippocampus (no labelled imagesTs): the default split holds out a seeded 25 % of imagesTr as the
+    test set; the pool-only raw folder (what pretraining and fine-tuning see) has the other 150 cases and none of
+    the test cases, and the user's raw folder is only read."""
+    from conftest import HIPPOCAMPUS
+    if not (HIPPOCAMPUS / "dataset.json").exists():
+        pytest.skip("../shared/data/Dataset004_Hippocampus is not available")
+    env = clean_env(tmp_path, nnUNet_raw=HIPPOCAMPUS.parent)
+    run([BIN / "nnunet-ssl", "benchmark", "-d", "4", "--work-dir", tmp_path / "w", "--prepare-only"], env)
+    split = json.loads((tmp_path / "w" / "split.json").read_text())
+    assert len(split["test"]) == 50 and len(split["pool"]) == 150 and not set(split["test"]) & set(split["pool"])
+    pool_raw = tmp_path / "w" / "nnUNet_raw" / "Dataset004_Hippocampus"
+    assert sorted(p.name[:-7] for p in (pool_raw / "labelsTr").iterdir()) == sorted(split["pool"])
+    assert sorted(p.name[:-7] for p in (tmp_path / "w" / "test" / "labels").iterdir()) == sorted(split["test"])
+    again = tmp_path / "again"
+    run([BIN / "nnunet-ssl", "benchmark", "-d", "4", "--work-dir", again, "--prepare-only"], env)
+    assert json.loads((again / "split.json").read_text()) == split  # seeded: the same split every time
+    assert not (HIPPOCAMPUS / "splits_final.json").exists()
+
+
 def test_unknown_method_and_dataset_fail_clearly(tmp_path):
     env = clean_env(tmp_path)
     (tmp_path / "raw").mkdir()

@@ -41,7 +41,6 @@ def _load_into_stock_net(root, ckpt, configuration):
 @pytest.mark.parametrize("trainer,configuration,terms", [
     ("SimCLRPretrainTrainer_smoke", "3d_fullres", ["mean_neg_global"]),
     ("PCLPretrainTrainer_smoke", "2d", ["mean_pos_global"]),
-    ("PCLPretrainTrainer_smoke", "3d_fullres", ["mean_pos_global"]),
     ("SpadeSoftPretrainTrainer_smoke", "3d_fullres", ["mean_affinity_global", "local"]),
     ("DrasCLRPretrainTrainer_smoke", "3d_fullres", ["neighbour", "mean_neg"]),
     ("MaskedReconPretrainTrainer_smoke", "3d_fullres", ["recon"]),

