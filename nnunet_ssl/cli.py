@@ -204,6 +204,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--cpu-bf16", default="auto", choices=["auto", "on", "off", "compare"],
                    help="CPU fast path of the plugin's trainers: their own setting (auto), forced on/off, or "
                         "compare (each such trainer in float32 and bf16, interleaved)")
+    s.add_argument("--cpu-fast", nargs="+", default=None, metavar="VARIANT",
+                   help="CPU variants of each plugin trainer, interleaved: 'compare' (all) or some of fp32, fp32-cl "
+                        "(channels-last), fp32-compile (torch.compile), fp32-cl-compile, bf16")
     s.add_argument("--json", default=None, help="also write the report here")
     s.set_defaults(func=_cmd_bench_speed)
 

@@ -23,14 +23,21 @@ GOAL_LOSS_SHARE = 0.05    # pair selection + loss (compute_loss) <= 5 % of a pre
 GOAL_LOADER_RATIO = 0.45  # two-view loader >= 0.45 x the standard loader's batches/s
 
 
+# --cpu-fast compare: the CPU variants of a plugin trainer, as (cpu_bf16, cpu_channels_last, cpu_compile)
+CPU_VARIANTS = {"fp32": (False, False, False), "fp32-cl": (False, True, False), "fp32-compile": (False, False, True),
+                "fp32-cl-compile": (False, True, True), "bf16": (True, None, False)}
+
+
 def _build(trainer_name: str, dataset: str, configuration: str, plans: str, device: torch.device,
-           cpu_bf16: bool | None = None):
+           cpu_bf16: bool | None = None, variant: tuple | None = None):
     from nnunetv2.run.run_training import get_trainer_from_args
 
     from nnunet_ssl.nnunet.cpu_fast import CPUFastPathMixin
     tr = get_trainer_from_args(dataset, configuration, 0, trainer_name, plans, False, device)
     if cpu_bf16 is not None and isinstance(tr, CPUFastPathMixin):
         tr.cpu_bf16 = cpu_bf16  # before on_train_start -> initialize, where the fast path is set up
+    if variant is not None and isinstance(tr, CPUFastPathMixin):
+        tr.cpu_bf16, tr.cpu_channels_last, tr.cpu_compile = variant
     tr.num_epochs = max(tr.num_epochs, 1)
     tr.on_train_start()
     tr.on_epoch_start()
@@ -46,7 +53,16 @@ def _sync(device):
 def _precision(tr, dev: torch.device) -> str:
     if dev.type == "cuda":
         return "amp-fp16"
-    return "bf16" if getattr(tr, "cpu_fast_path", False) else "fp32"
+    if getattr(tr, "cpu_fast_path", False):
+        return "bf16"
+    from torch._dynamo import OptimizedModule
+    return "fp32" + ("-cl" if getattr(tr, "cpu_channels_last_on", False) else "") + (
+        "-compile" if isinstance(getattr(tr, "network", None), OptimizedModule) else "")
+
+
+def _is_pretraining_name(name: str) -> bool:
+    from nnunet_ssl.trainers import PRETRAINING_TRAINERS
+    return name in PRETRAINING_TRAINERS
 
 
 def _is_pretraining(tr) -> bool:
@@ -113,9 +129,11 @@ def _loader_workers(dl, workers: int, n: int, pin_memory: bool) -> float:
 def bench_speed(dataset: str, configuration: str = "3d_fullres", plans: str = "nnUNetPlans",
                 trainers: Sequence[str] = ("nnUNetTrainer", "SpadePretrainTrainer"), iterations: int = 10,
                 warmup: int = 2, device: str = "cpu", cpu_bf16: str = "auto", workers: int = 0,
-                loader_batches: int | None = None) -> dict:
+                loader_batches: int | None = None, cpu_fast: Sequence[str] = ()) -> dict:
     """``cpu_bf16``: 'auto' (each trainer's own setting), 'on'/'off' (forced for the plugin's trainers), 'compare'
-    (each plugin trainer twice, float32 and bf16, all interleaved). ``workers`` > 0 also times the loaders behind
+    (each plugin trainer twice, float32 and bf16, all interleaved). ``cpu_fast``: CPU variants of each plugin trainer
+    (names of CPU_VARIANTS; bf16 only where the CPU has it), all interleaved; a compiled variant's compilation
+    happens in its warm-up steps and is reported as ``first_step_s``. ``workers`` > 0 also times the loaders behind
     nnU-Net's NonDetMultiThreadedAugmenter with that many processes."""
     from nnunet_ssl.nnunet.cpu_fast import ENV_VAR, CPUFastPathMixin
     dev = torch.device(device)
@@ -127,7 +145,23 @@ def bench_speed(dataset: str, configuration: str = "3d_fullres", plans: str = "n
     setting = {"auto": None, "on": True, "off": False, "compare": False}[cpu_bf16]
     built: dict[str, object] = {}  # label -> trainer
     trainer_of: dict[str, str] = {}
+    from nnunet_ssl.nnunet.cpu_fast import cpu_supports_bf16
     for name in trainers:
+        if cpu_fast and dev.type == "cpu":
+            probe = None
+            for v in cpu_fast:
+                if v == "bf16" and not cpu_supports_bf16():
+                    continue
+                if CPU_VARIANTS[v][2] and _is_pretraining_name(name):
+                    continue  # the pretraining engine's forward is its own: nothing for cpu_compile to compile
+                t = _build(name, dataset, configuration, plans, dev, variant=CPU_VARIANTS[v])
+                if not isinstance(t, CPUFastPathMixin):  # stock trainers have one variant: float32
+                    probe = t
+                    break
+                built[f"{name} [{v}]"], trainer_of[f"{name} [{v}]"] = t, name
+            if probe is not None:
+                built[name], trainer_of[name] = probe, name
+            continue
         tr = _build(name, dataset, configuration, plans, dev, setting)
         variants = [(tr, False)]
         if cpu_bf16 == "compare" and dev.type == "cpu" and isinstance(tr, CPUFastPathMixin):
@@ -139,6 +173,7 @@ def bench_speed(dataset: str, configuration: str = "3d_fullres", plans: str = "n
     precision = {k: _precision(tr, dev) for k, tr in built.items()}
     batches = {k: [next(tr.dataloader_train) for _ in range(warmup + iterations)] for k, tr in built.items()}
     times: dict[str, list[float]] = {k: [] for k in labels}
+    first_step: dict[str, float] = {}
     loss_times: dict[str, list[float]] = {k: [] for k in labels if _is_pretraining(built[k])}
     peak: dict[str, float] = {}
     for i in range(warmup + iterations):
@@ -154,6 +189,8 @@ def bench_speed(dataset: str, configuration: str = "3d_fullres", plans: str = "n
             _sync(dev)
             if i >= warmup:
                 times[k].append(time.perf_counter() - t)
+            elif i == 0:
+                first_step[k] = time.perf_counter() - t  # includes torch.compile's compilation
             if dev.type == "cuda":
                 peak[k] = max(peak.get(k, 0), torch.cuda.max_memory_allocated() / 2 ** 20)
     med = {k: float(np.median(v)) for k, v in times.items()}
@@ -176,7 +213,7 @@ def bench_speed(dataset: str, configuration: str = "3d_fullres", plans: str = "n
         "dataset": dataset, "configuration": configuration, "plans": plans, "iterations": iterations,
         "reference": trainers[0], "trainer": trainer_of, "precision": precision,
         "batch_size": {k: int(tr.batch_size) for k, tr in built.items()},
-        "step_s_median": med, "step_ratio_vs_reference": {k: med[k] / med[ref[k]] for k in labels},
+        "step_s_median": med, "first_step_s": first_step, "step_ratio_vs_reference": {k: med[k] / med[ref[k]] for k in labels},
         "loss_s_median": {k: float(np.median(v)) for k, v in loss_times.items()},
         "loss_share_of_step": {k: float(np.median(v)) / med[k] for k, v in loss_times.items()},
         "loader_batches_per_s": loader, "loader_workers": workers,
@@ -185,6 +222,10 @@ def bench_speed(dataset: str, configuration: str = "3d_fullres", plans: str = "n
         "peak_mem_ratio_vs_reference": {k: peak[k] / peak[ref[k]] for k in labels} if peak else None,
         "date": time.strftime("%Y-%m-%d"),
     }
+    if cpu_fast:
+        report["speedup_vs_fp32"] = {k: med[f"{trainer_of[k]} [fp32]"] / med[k] for k in labels
+                                     if f"{trainer_of[k]} [fp32]" in med}
+        report["cpu_flags"] = sorted({"avx2", "avx512f", "avx512_bf16", "amx_bf16"} & _cpu_flags())
     if cpu_bf16 == "compare":
         report["bf16_speedup"] = {
             name: med[f"{name} [fp32]"] / med[f"{name} [bf16]"] for name in trainers if f"{name} [bf16]" in med}
@@ -194,6 +235,11 @@ def bench_speed(dataset: str, configuration: str = "3d_fullres", plans: str = "n
             if hasattr(gen, "_finish"):
                 gen._finish()
     return report
+
+
+def _cpu_flags() -> set:
+    from nnunet_ssl.nnunet.cpu_fast import cpu_flags
+    return cpu_flags()
 
 
 def _goals(r: dict) -> list[dict]:
@@ -234,6 +280,11 @@ def format_report(r: dict) -> str:
             else "- | -"
         lines.append(f"| {k} | {r['precision'][k]} | {r['batch_size'][k]} | {v:.4f} | "
                      f"{r['step_ratio_vs_reference'][k]:.2f} | {loss} | {mem} |")
+    if r.get("speedup_vs_fp32"):
+        lines += ["", f"CPU flags: {', '.join(r.get('cpu_flags', [])) or 'none of avx2/avx512f/avx512_bf16/amx_bf16'}; "
+                  "speed-up over the same trainer's float32 step (first step, with any compilation, in s): " + ", ".join(
+                      f"{k} {v:.2f}x ({r['first_step_s'].get(k, float('nan')):.1f} s)"
+                      for k, v in r["speedup_vs_fp32"].items())]
     if r.get("bf16_speedup"):
         lines += ["", "bf16 speed-up (fp32 step / bf16 step): " + ", ".join(
             f"{k} {v:.2f}x" for k, v in r["bf16_speedup"].items())]
@@ -250,8 +301,12 @@ def format_report(r: dict) -> str:
 
 
 def main_bench(args) -> int:
+    cpu_fast = tuple(CPU_VARIANTS) if args.cpu_fast == ["compare"] else tuple(args.cpu_fast or ())
+    unknown = [v for v in cpu_fast if v not in CPU_VARIANTS]
+    if unknown:
+        raise SystemExit(f"--cpu-fast {' '.join(unknown)}: choose from compare, {', '.join(CPU_VARIANTS)}")
     r = bench_speed(str(args.d), args.c, args.p, args.tr, args.iterations, device=args.device,
-                    cpu_bf16=args.cpu_bf16, workers=args.workers)
+                    cpu_bf16=args.cpu_bf16, workers=args.workers, cpu_fast=cpu_fast)
     print(format_report(r))
     if args.json:
         with open(args.json, "w") as f:

@@ -322,3 +322,51 @@ def test_thread_limit_caps_torch_threads(monkeypatch):
         assert torch.get_num_threads() == 2
     finally:
         torch.set_num_threads(before)
+
+
+# ---------------------------------------------------------------------------------------------- float32 options
+def _fp32_trainer(cls, channels_last: bool, compile_: bool, seed: int = 0):
+    torch.manual_seed(seed)
+    tr = cls(_plans(), "3d_fullres", 0, DATASET_JSON, CPU)
+    tr.cpu_bf16, tr.cpu_channels_last, tr.cpu_compile = False, channels_last, compile_
+    tr.initialize()
+    return tr
+
+
+def _step_and_grads(tr, batch):
+    out = tr.train_step(batch)
+    net = getattr(tr.network, "_orig_mod", tr.network)
+    return out["loss"], {n: p.detach().clone() for n, p in net.named_parameters()}
+
+
+def _assert_same_step(a, b, rtol):
+    """Same loss and the same updated weights after one step (the update is lr x the clipped gradient + momentum,
+    so equal weights mean equal gradients), each within ``rtol`` of the weights' scale."""
+    assert a[0] == pytest.approx(b[0], rel=rtol)
+    for n in a[1]:
+        scale = a[1][n].abs().max().clamp_min(1e-6)
+        assert (a[1][n] - b[1][n]).abs().max() <= rtol * scale, n
+
+
+def test_channels_last_float32_is_the_float32_step(nnunet_dirs):
+    """cpu_channels_last in float32: weights and inputs in channels-last layout, nnU-Net's float32 step otherwise;
+    loss and updated weights equal the contiguous step's within 1e-4 (relative; oneDNN picks other kernels)."""
+    eager = _fp32_trainer(nnUNetTrainerFinetune, channels_last=False, compile_=False)
+    cl = _fp32_trainer(nnUNetTrainerFinetune, channels_last=True, compile_=False)
+    assert all(w.is_contiguous(memory_format=torch.channels_last_3d) for w in _conv_weights(cl.network))
+    assert not isinstance(cl.loss, Float32Loss) and not cl.cpu_fast_path
+    _assert_same_step(_step_and_grads(cl, _segmentation_batch()), _step_and_grads(eager, _segmentation_batch()), 1e-4)
+    with open(cl.log_file) as log:
+        assert "channels-last layout (cpu_channels_last)" in log.read()
+
+
+@pytest.mark.slow
+def test_compiled_float32_step_equals_the_eager_step(nnunet_dirs):
+    """cpu_compile: nnU-Net's initialize compiles the network (it never does on CPU by itself); loss and updated
+    weights of a step equal the eager step's within 1e-4 (relative; inductor fuses and reorders float32 sums)."""
+    from torch._dynamo import OptimizedModule
+    eager = _fp32_trainer(nnUNetTrainerFinetune, channels_last=False, compile_=False)
+    compiled = _fp32_trainer(nnUNetTrainerFinetune, channels_last=False, compile_=True)
+    assert isinstance(compiled.network, OptimizedModule) and not isinstance(eager.network, OptimizedModule)
+    _assert_same_step(_step_and_grads(compiled, _segmentation_batch()), _step_and_grads(eager, _segmentation_batch()),
+                      1e-4)

@@ -6,6 +6,11 @@ the plugin's trainers that path: on by default where the CPU supports bf16, off 
 
 Setting, strongest first: the environment variable ``NNUNET_SSL_CPU_BF16`` (0/1), the class attribute
 ``cpu_bf16`` (True/False), automatic detection (``cpu_bf16 = None``). CUDA and MPS runs are never affected.
+
+Two float32 options for CPUs without bf16, measured side by side by ``nnunet-ssl bench-speed --cpu-fast compare``:
+channels-last layout without bf16 (``cpu_channels_last`` / ``NNUNET_SSL_CPU_CHANNELS_LAST``; default: with bf16
+only) and ``torch.compile`` of the segmentation network on CPU (``cpu_compile`` / ``NNUNET_SSL_CPU_COMPILE``; nnU-Net
+itself never compiles on CPU; default off).
 """
 from __future__ import annotations
 
@@ -18,6 +23,8 @@ import torch
 from torch import nn
 
 ENV_VAR = "NNUNET_SSL_CPU_BF16"
+CHANNELS_LAST_ENV = "NNUNET_SSL_CPU_CHANNELS_LAST"
+COMPILE_ENV = "NNUNET_SSL_CPU_COMPILE"
 BF16_CPU_FLAGS = ("avx512_bf16", "amx_bf16")  # /proc/cpuinfo flags of native bf16 arithmetic (x86)
 
 
@@ -63,6 +70,18 @@ def resolve_cpu_bf16(setting: bool | None, device: torch.device) -> tuple[bool, 
     if _this_cpu_supports_bf16():
         return True, "auto: the CPU has native bf16 (" + "/".join(BF16_CPU_FLAGS) + ")"
     return False, "auto: the CPU has no native bf16 (" + "/".join(BF16_CPU_FLAGS) + ")"
+
+
+def env_flag(name: str) -> bool | None:
+    """A 0/1 environment switch: True, False, or None where it is not set."""
+    value = os.environ.get(name, "").strip().lower()
+    if value in ("1", "true", "on", "yes"):
+        return True
+    if value in ("0", "false", "off", "no"):
+        return False
+    if value:
+        raise ValueError(f"{name} must be 0 or 1, got {os.environ[name]!r}")
+    return None
 
 
 NUM_THREADS = "NNUNET_SSL_NUM_THREADS"
@@ -162,6 +181,8 @@ class CPUFastPathMixin:
     and ``step_if_finite``; :class:`CPUFastSegmentationMixin` gives nnU-Net's own segmentation steps the fast path."""
 
     cpu_bf16: bool | None = None  # None: on where the device is a CPU with native bf16; env NNUNET_SSL_CPU_BF16
+    cpu_channels_last: bool | None = None  # None: with bf16 (oneDNN's bf16 kernels want it); env ..._CHANNELS_LAST
+    cpu_compile: bool = False  # torch.compile the segmentation network on CPU; env NNUNET_SSL_CPU_COMPILE
 
     @property
     def cpu_fast_path(self) -> bool:
@@ -170,11 +191,28 @@ class CPUFastPathMixin:
             self._cpu_fast_path, self._cpu_fast_path_reason = resolve_cpu_bf16(self.cpu_bf16, self.device)
         return self._cpu_fast_path
 
+    @property
+    def cpu_channels_last_on(self) -> bool:
+        """Channels-last layout of weights and inputs: always with bf16, on request in float32 (CPU only)."""
+        if self.device.type != "cpu":
+            return False
+        env = env_flag(CHANNELS_LAST_ENV)
+        if env is not None:
+            return env or self.cpu_fast_path
+        return self.cpu_fast_path or bool(self.cpu_channels_last)
+
     def cpu_autocast(self):
         return cpu_bf16_autocast(self.cpu_fast_path)
 
     def cpu_fast_input(self, data: torch.Tensor) -> torch.Tensor:
-        return to_channels_last(data) if self.cpu_fast_path else data
+        return to_channels_last(data) if self.cpu_channels_last_on else data
+
+    def _do_i_compile(self):
+        # nnU-Net never compiles on CPU; cpu_compile asks for it (nnUNetTrainer.initialize then compiles the network)
+        if self.device.type == "cpu":
+            env = env_flag(COMPILE_ENV)
+            return bool(self.cpu_compile) if env is None else env
+        return super()._do_i_compile()
 
     def cpu_fast_path_modules(self) -> list[nn.Module]:
         """Modules switched to channels-last (trainers with extra trained modules add theirs)."""
@@ -184,16 +222,17 @@ class CPUFastPathMixin:
         on = self.cpu_fast_path
         self.print_to_log_file(f"CPU fast path (bf16 autocast + channels-last): {'on' if on else 'off'} "
                                f"({self._cpu_fast_path_reason})")
-        if not on:
-            return
-        set_memory_format([m for m in self.cpu_fast_path_modules() if m is not None], channels_last=True)
-        if getattr(self, "loss", None) is not None and not isinstance(self.loss, Float32Loss):
+        if self.cpu_channels_last_on:
+            if not on:
+                self.print_to_log_file("CPU float32 in channels-last layout (cpu_channels_last)")
+            set_memory_format([m for m in self.cpu_fast_path_modules() if m is not None], channels_last=True)
+        if on and getattr(self, "loss", None) is not None and not isinstance(self.loss, Float32Loss):
             self.loss = Float32Loss(self.loss)
 
     @contextmanager
     def _contiguous_while_saving(self) -> Iterator[None]:
         """Standard layout for the weights and optimizer buffers while nnU-Net's save_checkpoint reads them."""
-        if not self.cpu_fast_path:
+        if not self.cpu_channels_last_on:
             yield
             return
         modules = [m for m in self.cpu_fast_path_modules() if m is not None]
@@ -247,8 +286,8 @@ class CPUFastSegmentationMixin(CPUFastPathMixin):
     (Float32Loss), backward outside autocast, the guarded step; no GradScaler (bf16 has float32's exponent range)."""
 
     def train_step(self, batch: dict) -> dict:
-        if not self.cpu_fast_path:
-            return super().train_step(batch)
+        if not self.cpu_fast_path:  # float32: nnU-Net's own step (on a channels-last input where that is on)
+            return super().train_step(dict(batch, data=self.cpu_fast_input(batch["data"])))
         # nnUNetTrainer.train_step with bf16 autocast around forward + loss (Float32Loss) and backward outside it;
         # bf16 has float32's exponent range, so no GradScaler
         data = self.cpu_fast_input(batch["data"].to(self.device))
@@ -264,6 +303,6 @@ class CPUFastSegmentationMixin(CPUFastPathMixin):
 
     def validation_step(self, batch: dict) -> dict:
         if not self.cpu_fast_path:
-            return super().validation_step(batch)
+            return super().validation_step(dict(batch, data=self.cpu_fast_input(batch["data"])))
         with self.cpu_autocast():  # no backward here, so nnU-Net's step can run inside the context as it is
             return super().validation_step(dict(batch, data=self.cpu_fast_input(batch["data"])))
