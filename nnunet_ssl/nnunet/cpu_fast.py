@@ -129,18 +129,6 @@ def set_memory_format(modules: Iterable[nn.Module], channels_last: bool) -> None
                 t.data = t.data.contiguous(memory_format=fmt if channels_last else torch.contiguous_format)
 
 
-def contiguous_tensors(obj):
-    """``obj`` (dicts/lists/tuples of tensors, e.g. an optimizer state dict) with every tensor made contiguous, so
-    checkpoints written from a channels-last run have the standard layout."""
-    if isinstance(obj, torch.Tensor):
-        return obj.contiguous()
-    if isinstance(obj, dict):
-        return {k: contiguous_tensors(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return type(obj)(contiguous_tensors(v) for v in obj)
-    return obj
-
-
 def _outputs_to_float(output):
     if isinstance(output, (list, tuple)):
         return type(output)(_outputs_to_float(o) for o in output)

@@ -130,16 +130,14 @@ def check_training_input(dataset_name_or_id, configuration: str, plans_identifie
 
 def pretrained_weights_message(network, weights_file: str, trainer=None) -> str | None:
     """Why ``weights_file`` cannot initialise ``network`` (nnU-Net's -pretrained_weights rule), or None if it can."""
-    from nnunet_ssl.nnunet.checkpoint import load_checkpoint_file
+    from nnunet_ssl.nnunet.checkpoint import load_checkpoint_file, unwrapped_network
     from nnunet_ssl.nnunet.weights import SKIP, compare_state_dicts, explain
 
     try:
         source = load_checkpoint_file(weights_file, "cpu")["network_weights"]
     except (FileNotFoundError, ValueError) as error:
         return _one_line(f"-pretrained_weights: {error}")
-    module = getattr(network, "module", network)  # DDP
-    module = getattr(module, "_orig_mod", module)  # torch.compile
-    target = module.state_dict()
+    target = unwrapped_network(network).state_dict()
     report = compare_state_dicts(source, target)
     if report["ok"]:
         return None
