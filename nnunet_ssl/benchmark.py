@@ -73,12 +73,12 @@ BUDGETS = {
     "gpu": Budget("gpu", "ExperimentPlanner", "nnUNetPlans", "", "nnUNetTrainerFinetune",
                   "nnUNetTrainerFinetune_long", "nnUNetTrainerPretrainedFinetune"),
     # small network (nnUNetPlannerCPUWide: 8-64 features, batch 2, patch <= 50k voxels, nnU-Net's topology rules),
-    # fixed iterations: pretraining 1000, fine-tuning 2000, scratch_long 3000. (4-32 features lost a class in a third
-    # of its runs; 8-64 learned both classes in every pool-validation run, BENCHMARKS.md)
-    # pretrained starts: the best recipe measured on pool validation cases so far, which at 2000 iterations is the
-    # from-scratch one (peak lr 1e-2; 1e-3 with 10 % warm-up learned too slowly: BENCHMARKS.md)
-    "cpu": Budget("cpu", "nnUNetPlannerCPUWide", "nnUNetPlansCPUWide", "_cpu", "nnUNetTrainerFinetune_cpu_80ep",
-                  "nnUNetTrainerFinetune_cpu_120ep", "nnUNetTrainerFinetune_cpu_80ep"),
+    # fixed iterations: pretraining 1000, fine-tuning 3000 (where scratch is near convergence: 4000 vs 3000 +0.001
+    # Dice on pool validation), scratch_long 4000. (4-32 features lost a class in a third of its runs; 8-64 learned
+    # both classes in every pool-validation run, BENCHMARKS.md.) Pretrained starts: the best recipe measured on pool
+    # validation cases so far, which is the from-scratch one (peak lr 1e-2; 1e-3 with 10 % warm-up learned too slowly)
+    "cpu": Budget("cpu", "nnUNetPlannerCPUWide", "nnUNetPlansCPUWide", "_cpu", "nnUNetTrainerFinetune_cpu_120ep",
+                  "nnUNetTrainerFinetune_cpu_160ep", "nnUNetTrainerFinetune_cpu_120ep"),
     # nnunet-ssl demo on its phantom (40 pool cases of 40^3): nnUNetPlannerSmall (8-64 features, patch 40^3),
     # pretraining 1000 iterations, fine-tuning 1000 (scratch_long 2000)
     "demo": Budget("demo", "nnUNetPlannerSmall", "nnUNetPlansSmall", "_cpu", "nnUNetTrainerFinetune_cpu",
@@ -468,6 +468,10 @@ def run_benchmark(s: Settings) -> List[dict]:
                 raise SystemExit(f"{cell_file} was trained with {row['pretrain_trainer'] or 'no pretraining'} + "
                                  f"{row['finetune_trainer']}, this run would use {want[0] or 'no pretraining'} + "
                                  f"{want[1]} (the budget changed?): move the cell away or use another --cells-dir")
+            if method != "stock" and row.get("finetune_iterations") not in (None, iterations(want[1])):
+                # same trainer name, other length: a trainer's budget was changed since the cell was scored
+                raise SystemExit(f"{cell_file} fine-tuned {row['finetune_iterations']} iterations, {want[1]} now "
+                                 f"runs {iterations(want[1])}: move the cell away or use another --cells-dir")
             _log(f"{label}: done before (mean Dice {row['mean_dice']:.4f})")
             return row
         times = {"pretrain_s": 0.0, "finetune_s": 0.0, "predict_s": 0.0}

@@ -144,7 +144,7 @@ def test_trainer_overrides_name_their_cells_and_report_apart(tmp_path, monkeypat
     assert bm.finetune_trainer_of("scratch", budget) == budget.finetune_trainer
     assert bm.finetune_trainer_of("stock", budget) == "nnUNetTrainerWallClock"
     its = bm.check_budget(budget, ["scratch", "spade"], None, {"spade": "SpadePretrainTrainer_cpu_80ep"})
-    assert its == {"finetune": 2000, "pretrain_spade": 2000}
+    assert its == {"finetune": 3000, "pretrain_spade": 2000}
     with pytest.raises(SystemExit, match="scratch_long"):  # 2000 + 2000 != 3000
         bm.check_budget(budget, ["scratch_long", "spade"], None, {"spade": "SpadePretrainTrainer_cpu_80ep"})
     with pytest.raises(SystemExit, match="equal fine-tuning lengths"):
@@ -255,6 +255,9 @@ def test_benchmark_end_to_end_and_resume(phantom_raw, tmp_path):
     scratch_cell.write_text(json.dumps({**kept, "finetune_trainer": "nnUNetTrainerFinetune_cpu_80ep"}))
     res = subprocess.run([str(c) for c in cmd], env=env, capture_output=True, text=True, timeout=600)
     assert res.returncode != 0 and "was trained with no pretraining + nnUNetTrainerFinetune_cpu_80ep" in res.stderr
+    scratch_cell.write_text(json.dumps({**kept, "finetune_iterations": 2000}))  # same trainer, other length
+    res = subprocess.run([str(c) for c in cmd], env=env, capture_output=True, text=True, timeout=600)
+    assert res.returncode != 0 and "fine-tuned 2000 iterations" in res.stderr
     scratch_cell.write_text(json.dumps({**kept, "split_id": "0123456789ab"}))
     res = subprocess.run([str(c) for c in cmd], env=env, capture_output=True, text=True, timeout=600)
     assert res.returncode != 0 and "scored on another pool/test split" in res.stderr

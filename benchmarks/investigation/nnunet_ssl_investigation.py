@@ -8,6 +8,7 @@ trainer in one setting, so a run of ``nnunet-ssl benchmark --pretrain-trainer sp
 on the pool alone isolates that setting."""
 from nnunet_ssl.trainers.finetune import nnUNetTrainerFinetune_cpu_80ep
 from nnunet_ssl.trainers.drasclr import DrasCLRPretrainTrainer_cpu
+from nnunet_ssl.trainers.recon import MaskedReconPretrainTrainer_cpu
 from nnunet_ssl.trainers.spade import SpadePretrainTrainer_cpu
 
 
@@ -53,10 +54,10 @@ class DrasCLRPretrainTrainer_cpu_m99(DrasCLRPretrainTrainer_cpu):
     momentum = 0.99
 
 
-# ---- convergence check of the from-scratch budget
-class nnUNetTrainerFinetune_cpu_160ep(nnUNetTrainerFinetune_cpu_80ep):
-    """Twice the CPU budget's fine-tuning: 160 x 25 = 4000 iterations (is 2000 near convergence?)."""
-    num_epochs = 160
+# ---- convergence check of the from-scratch budget (4000 iterations is the product's nnUNetTrainerFinetune_cpu_160ep)
+class nnUNetTrainerFinetune_cpu_240ep(nnUNetTrainerFinetune_cpu_80ep):
+    """Twice the CPU budget's fine-tuning: 240 x 25 = 6000 iterations (is 3000 near convergence?)."""
+    num_epochs = 240
 
 
 # ---- the pretrained-start recipe (BENCHMARKS.md: peak lr x warm-up x sawtooth / LP-FT / layer decay)
@@ -107,3 +108,18 @@ class SpadePretrainTrainer_cpu_norescale(SpadePretrainTrainer_cpu):
 class SpadePretrainTrainer_cpu_160ep(SpadePretrainTrainer_cpu):
     """Four times the pretraining: 160 x 25 iterations."""
     num_epochs = 160
+
+
+class MaskedReconPretrainTrainer_cpu_norescale(MaskedReconPretrainTrainer_cpu):
+    """Hands the conv weights over at their trained scale (no reset to He norms)."""
+    reset_conv_scales_at_hand_off = False
+
+
+class MaskedReconPretrainTrainer_cpu_160ep(MaskedReconPretrainTrainer_cpu):
+    """Four times the pretraining: 160 x 25 iterations."""
+    num_epochs = 160
+
+
+class MaskedReconPretrainTrainer_cpu_640ep(MaskedReconPretrainTrainer_cpu):
+    """Sixteen times the pretraining: 640 x 25 iterations."""
+    num_epochs = 640
