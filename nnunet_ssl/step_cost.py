@@ -272,7 +272,8 @@ def format_report(r: dict) -> str:
     peak = r.get("peak_mem_mib") or {}
     lines = [(f"device: {r['device']}; {r['dataset']} {r['configuration']} {r['plans']}; {r['iterations']} timed "
               f"iterations (median), trainers interleaved; data loading excluded from the step; {r['date']}"), "",
-             (f"| run | precision | batch (cases) | step [s] | x {r['reference']} | selection + loss [s] | share of "
+             (f"| run | precision | batch (cases) | step [s] | x {r['reference']}"
+              + (" (same variant; speed-ups below)" if r.get("speedup_vs_fp32") else "") + " | selection + loss [s] | share of "
               "step | peak memory [MiB] | x memory |"), "|---|---|---|---|---|---|---|---|---|"]
     for k, v in r["step_s_median"].items():
         mem = f"{peak[k]:.0f} | {r['peak_mem_ratio_vs_reference'][k]:.2f}" if k in peak else "n/a | n/a"

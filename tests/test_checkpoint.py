@@ -5,7 +5,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from nnunet_ssl.nnunet.checkpoint import atomic_torch_save, load_checkpoint_file
+from nnunet_ssl.nnunet.checkpoint import atomic_write_path, load_checkpoint_file
+
+
+def atomic_torch_save(obj, filename: str) -> None:
+    """torch.save the way the crash-safe trainers write checkpoints (through atomic_write_path)."""
+    with atomic_write_path(filename) as tmp:
+        torch.save(obj, tmp)
 
 
 def test_atomic_save_roundtrip_and_no_leftovers(tmp_path):

@@ -13,7 +13,8 @@ import pytest
 import torch
 from conftest import BIN, TINY_DATASET, TINY_DATASET_ID, clean_env
 
-from nnunet_ssl.nnunet.checkpoint import atomic_torch_save, load_checkpoint_file
+from nnunet_ssl.nnunet.checkpoint import load_checkpoint_file
+from test_checkpoint import atomic_torch_save
 
 pytestmark = pytest.mark.slow
 EXT_TRAINERS = Path(__file__).parent / "ext_trainers"
@@ -84,7 +85,7 @@ def test_sigkill_at_random_moments_and_mid_write_then_resume(tiny_dataset, tmp_p
             assert process.wait(timeout=300) == 0, stdout.read_text()[-3000:]
             first_epochs.append(_epochs_started(stdout)[:1])
             break
-        if mode == "write":  # the temporary file of atomic_torch_save exists only while a write is under way
+        if mode == "write":  # the temporary file of atomic_write_path exists only while a write is under way
             reached = _wait_until(lambda prefix=arg: any(out.glob(f"{prefix}*.tmp-*")), process)
         else:
             epoch_in_launch, delay = arg

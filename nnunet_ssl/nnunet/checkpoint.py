@@ -28,21 +28,6 @@ def destination_name(filename: str) -> str:
     return filename.split(TEMPORARY_MARKER)[0]
 
 
-def atomic_torch_save(obj, filename: str) -> None:
-    """Write to a temporary file in the same folder, fsync, then rename: a crash mid-write leaves the previous
-    file intact and never a truncated checkpoint under the final name."""
-    tmp = temporary_name(filename)
-    try:
-        with open(tmp, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, filename)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-
-
 @contextmanager
 def atomic_write_path(filename: str) -> Iterator[str]:
     """Yields a temporary path for code that writes a file itself (nnU-Net's save_checkpoint); on success the file

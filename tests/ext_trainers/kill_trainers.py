@@ -8,7 +8,7 @@ WRITE_DELAY_S = 0.4
 
 
 class SlowToPickle:
-    """Sleeps while torch.save pickles it, i.e. while atomic_torch_save's temporary file is open and the final
+    """Sleeps while torch.save pickles it, i.e. while atomic_write_path's temporary file is open and the final
     name not yet replaced. Loads back as an empty dict, so checkpoints stay loadable without this module."""
 
     def __reduce__(self):
