@@ -102,8 +102,12 @@ def test_pretrain_finetune_predict_evaluate(workspace, planner, plans_name, fine
          "-djfile", ft_dir / "dataset.json", "-pfile", ft_dir / "plans.json"], env)
     summary = json.loads((pred / "summary.json").read_text())
     assert len(summary["metric_per_case"]) == 2
-    dice = summary["foreground_mean"]["Dice"]
-    assert 0.0 <= dice <= 1.0
+    dice = {label: m["Dice"] for label, m in summary["mean"].items()}
+    assert all(0.0 <= d <= 1.0 for d in dice.values())
+    # 250 iterations are long enough to learn the phantom's largest structure (label 1: Dice 0.35-0.79 in four
+    # runs on the 2-core development CPU), not the small ones: a fine-tuning stuck at background (Dice 0.0
+    # everywhere, e.g. a broken hand-off or a learning rate that never rises) fails here
+    assert dice["1"] >= 0.15, f"fine-tuning did not learn: Dice per label {dice}"
 
 
 def test_pretraining_resumes_after_a_crash(workspace):
