@@ -650,8 +650,9 @@ def markdown_table(rows: List[dict], class_cols: List[str], names: Dict[str, str
     return "\n".join(lines) + "\n"
 
 
-def plot(rows: List[dict], path: Path, title: str) -> None:
-    """Left: Dice against k with 95 % CI bands; right: paired difference to scratch with its CI band."""
+def plot(rows: List[dict], path: Path, title: str) -> List[str]:
+    """Left: Dice against k with 95 % CI bands; right: paired difference to scratch with its CI band. Returns the
+    legend's entries."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -689,11 +690,13 @@ def plot(rows: List[dict], path: Path, title: str) -> None:
     ax_d.axhline(0.0, color="black", linewidth=0.8)
     ax_d.set_ylabel("Dice − scratch, paired (95 % CI)")
     ax_d.set_title("difference to scratch")
-    if ax_d.get_legend_handles_labels()[0]:
-        ax_d.legend(fontsize=8, loc="center left", bbox_to_anchor=(1.01, 0.5))
+    handles, labels = ax.get_legend_handles_labels()  # every row (the difference panel has no 'scratch')
+    if handles:
+        ax_d.legend(handles, labels, fontsize=8, loc="center left", bbox_to_anchor=(1.01, 0.5))
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
+    return labels
 
 
 def _method_trainer(arg: str) -> Tuple[str, str]:

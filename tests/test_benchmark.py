@@ -108,6 +108,8 @@ def test_reports_paired_differences_ci_wins_and_lost_classes(tmp_path):
     assert len(table) == 4 and [r["method"] for r in table] == ["scratch", "scratch", "spade", "spade"]
     assert float(table[3]["dice_2"]) == pytest.approx(0.6)
     assert (tmp_path / "results.png").stat().st_size > 1000
+    # the legend names every row, scratch included (it has no line in the difference panel)
+    assert bm.plot(bm.load_rows(tmp_path / "cells"), tmp_path / "p.png", "t") == ["scratch", "spade"]
 
 
 def test_auto_precision_cells_of_bf16_and_fp32_machines_form_one_setup(tmp_path):
