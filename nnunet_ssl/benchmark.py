@@ -73,8 +73,8 @@ BUDGETS = {
     "gpu": Budget("gpu", "ExperimentPlanner", "nnUNetPlans", "", "nnUNetTrainerFinetune",
                   "nnUNetTrainerFinetune_long", "nnUNetTrainerPretrainedFinetune"),
     # small network (nnUNetPlannerCPUWide: 8-64 features, batch 2, patch <= 50k voxels, nnU-Net's topology rules),
-    # fixed iterations: pretraining 1000, fine-tuning 3000 (where scratch is near convergence: 4000 vs 3000 +0.001
-    # Dice on pool validation), scratch_long 4000. (4-32 features lost a class in a third of its runs; 8-64 learned
+    # fixed iterations: pretraining 1000, fine-tuning 3000 (where scratch is near convergence: 4000 vs 3000 +0.003
+    # Dice on pool validation, 5 seeds), scratch_long 4000. (4-32 features lost a class in a third of its runs; 8-64 learned
     # both classes in every pool-validation run, BENCHMARKS.md.) Pretrained starts: the best recipe measured on pool
     # validation cases so far, which is the from-scratch one (peak lr 1e-2; 1e-3 with 10 % warm-up learned too slowly)
     "cpu": Budget("cpu", "nnUNetPlannerCPUWide", "nnUNetPlansCPUWide", "_cpu", "nnUNetTrainerFinetune_cpu_120ep",
@@ -468,10 +468,16 @@ def run_benchmark(s: Settings) -> List[dict]:
                 raise SystemExit(f"{cell_file} was trained with {row['pretrain_trainer'] or 'no pretraining'} + "
                                  f"{row['finetune_trainer']}, this run would use {want[0] or 'no pretraining'} + "
                                  f"{want[1]} (the budget changed?): move the cell away or use another --cells-dir")
-            if method != "stock" and row.get("finetune_iterations") not in (None, iterations(want[1])):
-                # same trainer name, other length: a trainer's budget was changed since the cell was scored
-                raise SystemExit(f"{cell_file} fine-tuned {row['finetune_iterations']} iterations, {want[1]} now "
-                                 f"runs {iterations(want[1])}: move the cell away or use another --cells-dir")
+            # same trainer names, other lengths: a trainer's budget was changed since the cell was scored (stock's
+            # iterations follow the wall clock)
+            lengths = {"pretrained": (row.get("pretrain_iterations"), want[0])}
+            if method != "stock":
+                lengths["fine-tuned"] = (row.get("finetune_iterations"), want[1])
+            for done, (had, trainer) in lengths.items():
+                now = iterations(trainer) if trainer else 0
+                if had is not None and had != now:
+                    raise SystemExit(f"{cell_file} {done} {had} iterations, {trainer} now runs {now}: move the cell "
+                                     f"away or use another --cells-dir")
             _log(f"{label}: done before (mean Dice {row['mean_dice']:.4f})")
             return row
         times = {"pretrain_s": 0.0, "finetune_s": 0.0, "predict_s": 0.0}

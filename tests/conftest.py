@@ -60,3 +60,11 @@ def tiny_dataset(tmp_path_factory):
             else:
                 os.environ[k] = v
     return root
+
+
+def atomic_torch_save(obj, filename) -> None:
+    """torch.save the way the crash-safe trainers write checkpoints (through atomic_write_path)."""
+    import torch
+    from nnunet_ssl.nnunet.checkpoint import atomic_write_path
+    with atomic_write_path(str(filename)) as tmp:
+        torch.save(obj, tmp)

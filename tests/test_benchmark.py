@@ -260,6 +260,12 @@ def test_benchmark_end_to_end_and_resume(phantom_raw, tmp_path):
     scratch_cell.write_text(json.dumps({**kept, "finetune_iterations": 2000}))  # same trainer, other length
     res = subprocess.run([str(c) for c in cmd], env=env, capture_output=True, text=True, timeout=600)
     assert res.returncode != 0 and "fine-tuned 2000 iterations" in res.stderr
+    scratch_cell.write_text(json.dumps(kept))
+    spade_kept = json.loads(lost.read_text())
+    lost.write_text(json.dumps({**spade_kept, "pretrain_iterations": 999}))  # a pretraining budget changed
+    res = subprocess.run([str(c) for c in cmd], env=env, capture_output=True, text=True, timeout=600)
+    assert res.returncode != 0 and "pretrained 999 iterations" in res.stderr
+    lost.write_text(json.dumps(spade_kept))
     scratch_cell.write_text(json.dumps({**kept, "split_id": "0123456789ab"}))
     res = subprocess.run([str(c) for c in cmd], env=env, capture_output=True, text=True, timeout=600)
     assert res.returncode != 0 and "scored on another pool/test split" in res.stderr

@@ -5,13 +5,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from nnunet_ssl.nnunet.checkpoint import atomic_write_path, load_checkpoint_file
+from conftest import atomic_torch_save
 
-
-def atomic_torch_save(obj, filename: str) -> None:
-    """torch.save the way the crash-safe trainers write checkpoints (through atomic_write_path)."""
-    with atomic_write_path(filename) as tmp:
-        torch.save(obj, tmp)
+from nnunet_ssl.nnunet.checkpoint import load_checkpoint_file
 
 
 def test_atomic_save_roundtrip_and_no_leftovers(tmp_path):

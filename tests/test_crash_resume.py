@@ -11,10 +11,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import BIN, TINY_DATASET, TINY_DATASET_ID, clean_env
+from conftest import BIN, TINY_DATASET, TINY_DATASET_ID, atomic_torch_save, clean_env
 
 from nnunet_ssl.nnunet.checkpoint import load_checkpoint_file
-from test_checkpoint import atomic_torch_save
 
 pytestmark = pytest.mark.slow
 EXT_TRAINERS = Path(__file__).parent / "ext_trainers"
