@@ -23,6 +23,19 @@ class nnUNetTrainerFinetune_cpu_80ep_warmup20(nnUNetTrainerFinetune_cpu_80ep):
     warmup_epochs = 20
 
 
+class nnUNetTrainerFinetune_cpu_120ep_lr3e3(nnUNetTrainerFinetune_cpu_80ep):
+    """The CPU budget's from-scratch fine-tuning (3000 iterations) at initial lr 3e-3: scratch's lr, tuned with the
+    same effort as the pretrained starts' peak lr."""
+    num_epochs = 120
+    initial_lr = 3e-3
+
+
+class nnUNetTrainerFinetune_cpu_120ep_warmup12(nnUNetTrainerFinetune_cpu_80ep):
+    """3000 iterations with 12 warm-up epochs (10 %, the pretrained-start recipe's share) instead of 5."""
+    num_epochs = 120
+    warmup_epochs = 12
+
+
 # ---- Spade pretraining: length, selection radii, temperature
 class SpadePretrainTrainer_cpu_80ep(SpadePretrainTrainer_cpu):
     """Twice the pretraining: 80 x 25 iterations."""
