@@ -97,17 +97,19 @@ class nnUNetTrainerPretrainedFinetune_cpu_warmup25(nnUNetTrainerPretrainedFinetu
     warmup_fraction = 0.25
 
 
-class nnUNetTrainerPretrainedFinetune_cpu_sawtooth(nnUNetTrainerPretrainedFinetune_cpu):
+# The phases below run at peak lr 1e-2: at the 3000-iteration budget 1e-3 and 3e-3 cost Dice on a pretrained start
+# (BENCHMARKS.md, "The pretrained start's peak learning rate"), so each phase is compared at the best peak lr.
+class nnUNetTrainerPretrainedFinetune_cpu_sawtooth(nnUNetTrainerPretrainedFinetune_cpu_lr1e2):
     """Decoder-only warm-up (10 %), then the whole-network warm-up (10 %)."""
     decoder_warmup_fraction = 0.1
 
 
-class nnUNetTrainerPretrainedFinetune_cpu_lpft(nnUNetTrainerPretrainedFinetune_cpu):
+class nnUNetTrainerPretrainedFinetune_cpu_lpft(nnUNetTrainerPretrainedFinetune_cpu_lr1e2):
     """LP-FT: segmentation layers alone for 10 % of the run first."""
     probe_fraction = 0.1
 
 
-class nnUNetTrainerPretrainedFinetune_cpu_llrd(nnUNetTrainerPretrainedFinetune_cpu):
+class nnUNetTrainerPretrainedFinetune_cpu_llrd(nnUNetTrainerPretrainedFinetune_cpu_lr1e2):
     """Layer-wise lr decay 0.75 per encoder stage."""
     layer_decay = 0.75
 
