@@ -6,7 +6,7 @@ benchmarks/notes/). Not part of the installed plugin: nnU-Net finds them only wh
 (nnU-Net imports this file as a top-level module: absolute imports only). Each differs from the CPU benchmark's
 trainer in one setting, so a run of ``nnunet-ssl benchmark --pretrain-trainer spade=... / --finetune-trainer ...``
 on the pool alone isolates that setting."""
-from nnunet_ssl.trainers.finetune import nnUNetTrainerFinetune_cpu_80ep
+from nnunet_ssl.trainers.finetune import nnUNetTrainerFinetune_cpu_80ep, nnUNetTrainerFinetune_cpu_120ep
 from nnunet_ssl.trainers.drasclr import DrasCLRPretrainTrainer_cpu
 from nnunet_ssl.trainers.recon import MaskedReconPretrainTrainer_cpu
 from nnunet_ssl.trainers.spade import SpadePretrainTrainer_cpu
@@ -23,16 +23,14 @@ class nnUNetTrainerFinetune_cpu_80ep_warmup20(nnUNetTrainerFinetune_cpu_80ep):
     warmup_epochs = 20
 
 
-class nnUNetTrainerFinetune_cpu_120ep_lr3e3(nnUNetTrainerFinetune_cpu_80ep):
+class nnUNetTrainerFinetune_cpu_120ep_lr3e3(nnUNetTrainerFinetune_cpu_120ep):
     """The CPU budget's from-scratch fine-tuning (3000 iterations) at initial lr 3e-3: scratch's lr, tuned with the
     same effort as the pretrained starts' peak lr."""
-    num_epochs = 120
     initial_lr = 3e-3
 
 
-class nnUNetTrainerFinetune_cpu_120ep_warmup12(nnUNetTrainerFinetune_cpu_80ep):
+class nnUNetTrainerFinetune_cpu_120ep_warmup12(nnUNetTrainerFinetune_cpu_120ep):
     """3000 iterations with 12 warm-up epochs (10 %, the pretrained-start recipe's share) instead of 5."""
-    num_epochs = 120
     warmup_epochs = 12
 
 
