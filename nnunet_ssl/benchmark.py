@@ -656,6 +656,17 @@ def markdown_table(rows: List[dict], class_cols: List[str], names: Dict[str, str
     return "\n".join(lines) + "\n"
 
 
+def row_styles(n: int):
+    """(colour, line style, marker) for n plot rows, no two alike: matplotlib's default cycle repeats its colours
+    after ten rows, so longer tables take tab20's colours and then change line style and marker."""
+    import matplotlib
+    colors = matplotlib.colormaps["tab10" if n <= 10 else "tab20"].colors
+    lines, markers = ["-", "--", ":", "-."], ["o", "s", "^", "D"]
+    for i in range(n):
+        j = i // len(colors)
+        yield colors[i % len(colors)], lines[j % len(lines)], markers[(j // len(lines) + j) % len(markers)]
+
+
 def plot(rows: List[dict], path: Path, title: str) -> List[str]:
     """Left: Dice against k with 95 % CI bands; right: paired difference to scratch with its CI band. Returns the
     legend's entries."""
@@ -666,13 +677,15 @@ def plot(rows: List[dict], path: Path, title: str) -> List[str]:
     from nnunet_ssl.stats import mean_ci, paired_difference
     groups = _groups(rows)
     several = len(groups) > 1
+    styles = row_styles(sum(len(methods) for methods in groups.values()))
     fig, (ax, ax_d) = plt.subplots(1, 2, figsize=(12, 4.5))
     for (budget, prec, plans), methods in groups.items():
         for method, by_k in methods.items():
             label = f"{method} ({budget}, {prec}, {plans})" if several else method
             ks = sorted(by_k)
             stats = [mean_ci(list(by_k[k].values())) for k in ks]
-            line, = ax.plot(ks, [m for m, _, _ in stats], marker="o", label=label)
+            color, linestyle, marker = next(styles)
+            line, = ax.plot(ks, [m for m, _, _ in stats], marker=marker, linestyle=linestyle, color=color, label=label)
             ax.fill_between(ks, [lo for _, lo, _ in stats], [hi for _, _, hi in stats], color=line.get_color(),
                             alpha=0.15, linewidth=0)
             if method == "scratch" or "scratch" not in methods:
@@ -680,8 +693,8 @@ def plot(rows: List[dict], path: Path, title: str) -> List[str]:
             dk = [(k, paired_difference(by_k[k], methods["scratch"].get(k, {}))) for k in ks]
             dk = [(k, d) for k, d in dk if d is not None]
             if dk:
-                ax_d.plot([k for k, _ in dk], [d.mean for _, d in dk], marker="o", color=line.get_color(),
-                          label=label)
+                ax_d.plot([k for k, _ in dk], [d.mean for _, d in dk], marker=marker, linestyle=linestyle,
+                          color=color, label=label)
                 ax_d.fill_between([k for k, _ in dk], [d.low for _, d in dk], [d.high for _, d in dk],
                                   color=line.get_color(), alpha=0.15, linewidth=0)
     ks_all = sorted({r["labeled"] for r in rows})

@@ -112,6 +112,14 @@ def test_reports_paired_differences_ci_wins_and_lost_classes(tmp_path):
     assert bm.plot(bm.load_rows(tmp_path / "cells"), tmp_path / "p.png", "t") == ["scratch", "spade"]
 
 
+@pytest.mark.parametrize("n", [1, 10, 11, 20, 21, 90])
+def test_plot_rows_never_share_a_style(n):
+    styles = list(bm.row_styles(n))
+    assert len(styles) == n and len(set(styles)) == n
+    if n <= 20:  # up to twenty rows differ by colour alone (solid lines), as the eye reads them first
+        assert len({c for c, _, _ in styles}) == n and {ls for _, ls, _ in styles} == {"-"}
+
+
 def test_auto_precision_cells_of_bf16_and_fp32_machines_form_one_setup(tmp_path):
     (tmp_path / "cells").mkdir()
     for i, (method, seed, prec) in enumerate((("scratch", 0, "bf16"), ("scratch", 1, "fp32"), ("spade", 0, "bf16"),
