@@ -34,6 +34,13 @@ class nnUNetTrainerFinetune_cpu_120ep_warmup12(nnUNetTrainerFinetune_cpu_120ep):
     warmup_epochs = 12
 
 
+# ---- fine-tuning: the float32 CPU path's memory layout (run with --precision fp32, issue: CPU fast path)
+class nnUNetTrainerFinetune_cpu_120ep_cl(nnUNetTrainerFinetune_cpu_120ep):
+    """3000 iterations in channels-last layout also in float32 (the product uses it only with bf16): the paired Dice
+    check before channels-last float32 may become the default on CPUs without bf16."""
+    cpu_channels_last = True
+
+
 # ---- Spade pretraining: length, selection radii, temperature
 class SpadePretrainTrainer_cpu_80ep(SpadePretrainTrainer_cpu):
     """Twice the pretraining: 80 x 25 iterations."""
