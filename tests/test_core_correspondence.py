@@ -247,6 +247,28 @@ def test_sample_coords_reads_affine_fields_exactly_at_the_centres(shape, scale, 
     torch.testing.assert_close(c2[0].double()[:, inside], expected[:, inside], rtol=0, atol=1e-4)
 
 
+@pytest.mark.parametrize("scale,offset,out_shape", [((2, 2, 1), (0, 0, 0), (4, 3, 4)), ((1, 2, 2), (0, 1, 1), (8, 3, 2)),
+                                                    ((2, 2, 2), (1, 1, 1), (4, 3, 2)),
+                                                    ((2, 2, 2), (1, 1, 1), (4, 3, 3))])  # last centre past the crop
+def test_sample_coords_on_whole_voxels_reads_them_exactly(scale, offset, out_shape):
+    """Centres on whole voxels (nnU-Net's strides) read the voxel itself, bit for bit, from any field (not only
+    affine ones); a centre outside the crop is invalid. Reference: one voxel at a time."""
+    import itertools
+    g = torch.Generator().manual_seed(0)
+    size = (8, 6, 4)
+    coords = torch.randn(2, 3, *size, generator=g) * 100
+    valid = torch.rand(2, *size, generator=g) > 0.2
+    c2, v2 = sample_coords(coords, valid, scale, offset, out_shape)
+    assert c2.shape == (2, 3, *out_shape) and v2.shape == (2, *out_shape)
+    for i in itertools.product(*map(range, out_shape)):
+        src = tuple(o + s * j for j, s, o in zip(i, scale, offset))
+        if all(0 <= x <= n - 1 for x, n in zip(src, size)):
+            assert torch.equal(c2[(slice(None), slice(None)) + i], coords[(slice(None), slice(None)) + src])
+            assert torch.equal(v2[(slice(None),) + i], valid[(slice(None),) + src])
+        else:
+            assert not v2[(slice(None),) + i].any()
+
+
 def test_sample_coords_validity_follows_the_voxels_read():
     valid = torch.ones(1, 4, 4, 4, dtype=torch.bool)
     valid[0, 0, 0, 0] = False  # read by feature voxel (0,0,0) at stride 2, offset 0

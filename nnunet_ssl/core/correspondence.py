@@ -186,6 +186,14 @@ def sample_coords(coords: Tensor, valid: Tensor, scale: Sequence[float], offset:
     v = valid.bool()
     for d in range(nd):
         size = c.shape[2 + d]
+        n_out, st, off = int(out_shape[d]), float(scale[d]), float(offset[d])
+        if st.is_integer() and off.is_integer() and n_out > 0 and off >= 0 and off + st * (n_out - 1) <= size - 1:
+            # centres on whole voxels, all inside (nnU-Net's odd-kernel strides: offset 0): a strided view, no
+            # arithmetic and no copy (the interpolation below would read every voxel twice, weighting one by 0)
+            axis = slice(int(off), int(off) + int(st) * (n_out - 1) + 1, int(st))
+            c = c[(slice(None),) * (2 + d) + (axis,)]
+            v = v[(slice(None),) * (1 + d) + (axis,)]
+            continue
         pos = torch.arange(int(out_shape[d]), device=c.device, dtype=torch.float64) * float(scale[d]) + float(offset[d])
         lo = torch.floor(pos)
         w = (pos - lo).to(c.dtype)
