@@ -327,6 +327,7 @@ class Settings:
     cells_dir: Optional[str] = None                     # finished cells (default WORK/cells); may be in a repository
     jobs: int = 1                                       # cells trained side by side
     prepare_only: bool = False                          # stop after the split (e.g. to tune on the pool's raw folder)
+    report_only: bool = False                           # rewrite results.* from the kept cells, train nothing
     pretrain_trainers: Tuple[Tuple[str, str], ...] = ()  # (method, trainer) instead of the budget's
 
 
@@ -395,6 +396,19 @@ def run_benchmark(s: Settings) -> List[dict]:
     # cells kept outside the work dir (--cells-dir) must come from the same split: its fingerprint is in every cell
     import hashlib
     split_id = hashlib.sha1(json.dumps([ds_name, sorted(pool), sorted(test)]).encode()).hexdigest()[:12]
+    if s.report_only:
+        rows = load_rows(cells_dir_of(s))
+        if not rows:
+            raise SystemExit(f"--report-only: no finished cells in {cells_dir_of(s)}; run the benchmark (or name the "
+                             f"folder that keeps them with --cells-dir)")
+        other = sorted({r["split_id"] for r in rows if r.get("split_id", split_id) != split_id})
+        if other:
+            raise SystemExit(f"--report-only: cells in {cells_dir_of(s)} were scored on another pool/test split "
+                             f"({', '.join(other)}; this split {split_id}): name that split's work dir or cells")
+        write_reports(work, data["dataset_json"], s)
+        _log(f"{len(rows)} kept cells of {cells_dir_of(s)} reported in {work / 'results.md'}, "
+             f"{work / 'results.csv'}, {work / 'results.png'}; nothing trained (--report-only)")
+        return rows
     dataset_id = ds_name[len("Dataset"):len("Dataset") + 3]
     precision = resolved_precision(s.precision, s.device)
     _log(f"benchmark on {ds_name}: pool {len(pool)} cases (pretraining; labelled subsets drawn from it), "
@@ -735,11 +749,15 @@ def main_benchmark(args) -> int:
                  test_raw=args.test_raw, test_fraction=args.test_fraction, split_seed=args.split_seed,
                  num_processes=args.np, finetune_trainer=args.finetune_trainer, planner=args.planner,
                  pretrained_finetune_trainer=args.pretrained_finetune_trainer, cells_dir=args.cells_dir,
-                 jobs=args.jobs, prepare_only=args.prepare_only,
+                 jobs=args.jobs, prepare_only=args.prepare_only, report_only=args.report_only,
                  pretrain_trainers=tuple(_method_trainer(a) for a in args.pretrain_trainer or ()))
+    if s.prepare_only and s.report_only:
+        raise SystemExit("--prepare-only and --report-only exclude each other: the first trains nothing and reports "
+                         "nothing, the second reports the kept cells")
     work = Path(s.work_dir)
     work.mkdir(parents=True, exist_ok=True)
-    (work / "settings.json").write_text(json.dumps({**asdict(s), "argv": sys.argv}, indent=1))
+    if not s.report_only:  # a report of kept cells leaves the settings of the run that made them
+        (work / "settings.json").write_text(json.dumps({**asdict(s), "argv": sys.argv}, indent=1))
     run_benchmark(s)
     if not s.prepare_only:
         print((work / "results.md").read_text())

@@ -221,6 +221,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--seeds", nargs="+", type=int, default=None, help="fine-tuning seeds (default 0 1 2 3 4)")
     s.add_argument("--prepare-only", action="store_true",
                    help="write the split (the pool-only nnUNet_raw for tuning, the linked test cases) and stop")
+    s.add_argument("--report-only", action="store_true",
+                   help="rewrite results.md/.csv/.png from the finished cells (--cells-dir) and stop: nothing trained")
     s.add_argument("--jobs", type=int, default=1,
                    help="cells trained side by side (each with cores/jobs threads; a stock cell waits for its scratch "
                         "cell); 2 on a 2-core CPU overlaps one cell's data loading with the other's compute")

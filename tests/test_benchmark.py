@@ -182,6 +182,27 @@ def test_prepare_only_writes_the_split_and_trains_nothing(phantom_raw, tmp_path)
     assert not (tmp_path / "w" / "nnUNet_preprocessed").exists() and not (tmp_path / "w" / "cells").exists()
 
 
+def test_report_only_rewrites_the_results_from_kept_cells_and_trains_nothing(phantom_raw, tmp_path):
+    env = clean_env(tmp_path, nnUNet_raw=phantom_raw)
+    cells = tmp_path / "cells"
+    cmd = [BIN / "nnunet-ssl", "benchmark", "-d", "990", "--work-dir", tmp_path / "w", "--cells-dir", cells,
+           "--report-only"]
+    res = subprocess.run([str(c) for c in cmd], env=env, capture_output=True, text=True)
+    assert res.returncode != 0 and "no finished cells" in res.stderr
+    cells.mkdir(exist_ok=True)
+    for seed, d in enumerate((0.6, 0.8)):
+        (cells / f"s{seed}.json").write_text(json.dumps(_row("scratch", seed, {"c1": [d, d], "c2": [d, d]})))
+    res = run(cmd, env)
+    assert "nothing trained" in res.stdout and "| scratch | 5 |" in res.stdout
+    md = (tmp_path / "w" / "results.md").read_text()
+    assert "| scratch | 5 | 2 |" in md and (tmp_path / "w" / "results.png").stat().st_size > 1000
+    assert not (tmp_path / "w" / "nnUNet_preprocessed").exists() and not (tmp_path / "w" / "nnUNet_results").exists()
+    # cells of another split are refused, not mixed into the report
+    (cells / "other.json").write_text(json.dumps({**_row("scratch", 2, {"c1": [0.1, 0.1]}), "split_id": "0123456789ab"}))
+    res = subprocess.run([str(c) for c in cmd], env=env, capture_output=True, text=True)
+    assert res.returncode != 0 and "another pool/test split (0123456789ab" in res.stderr
+
+
 @pytest.mark.realdata
 def test_hippocampus_hold_out_is_seeded_and_never_in_the_pool(tmp_path):
     """On real MSD Hippocampus (no labelled imagesTs): the default split holds out a seeded 25 % of imagesTr as the
