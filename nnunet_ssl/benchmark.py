@@ -397,16 +397,16 @@ def run_benchmark(s: Settings) -> List[dict]:
     import hashlib
     split_id = hashlib.sha1(json.dumps([ds_name, sorted(pool), sorted(test)]).encode()).hexdigest()[:12]
     if s.report_only:
-        rows = load_rows(cells_dir_of(s))
-        if not rows:
-            raise SystemExit(f"--report-only: no finished cells in {cells_dir_of(s)}; run the benchmark (or name the "
+        cells_dir = cells_dir_of(s)
+        files = sorted(cells_dir.glob("*.json"))
+        if not files:
+            raise SystemExit(f"--report-only: no finished cells in {cells_dir}; run the benchmark (or name the "
                              f"folder that keeps them with --cells-dir)")
-        other = sorted({r["split_id"] for r in rows if r.get("split_id", split_id) != split_id})
-        if other:
-            raise SystemExit(f"--report-only: cells in {cells_dir_of(s)} were scored on another pool/test split "
-                             f"({', '.join(other)}; this split {split_id}): name that split's work dir or cells")
-        write_reports(work, data["dataset_json"], s)
-        _log(f"{len(rows)} kept cells of {cells_dir_of(s)} reported in {work / 'results.md'}, "
+        rows = [json.loads(f.read_text()) for f in files]
+        for f, row in zip(files, rows):
+            check_split(f, row, split_id)
+        write_reports(work, data["dataset_json"], s, rows)
+        _log(f"{len(rows)} kept cells of {cells_dir} reported in {work / 'results.md'}, "
              f"{work / 'results.csv'}, {work / 'results.png'}; nothing trained (--report-only)")
         return rows
     dataset_id = ds_name[len("Dataset"):len("Dataset") + 3]
@@ -473,9 +473,7 @@ def run_benchmark(s: Settings) -> List[dict]:
         label = f"[{i}/{len(cells)}] {name} k={k} seed={seed}"
         if cell_file.exists():
             row = json.loads(cell_file.read_text())
-            if row.get("split_id", split_id) != split_id:
-                raise SystemExit(f"{cell_file} was scored on another pool/test split (split {row['split_id']}, this "
-                                 f"run {split_id}): use another --cells-dir for this dataset or split")
+            check_split(cell_file, row, split_id)
             want = (pretrain_trainer_of(method, budget, overrides),
                     finetune_trainer_of(method, budget, s.finetune_trainer, s.pretrained_finetune_trainer))
             if (row["pretrain_trainer"], row["finetune_trainer"]) != want:
@@ -577,8 +575,16 @@ def load_rows(cells_dir: Path) -> List[dict]:
     return [json.loads(p.read_text()) for p in sorted(Path(cells_dir).glob("*.json"))]
 
 
-def write_reports(work: Path, dataset_json: dict, s: Settings) -> None:
-    rows = load_rows(cells_dir_of(s))
+def check_split(cell_file: Path, row: dict, split_id: str) -> None:
+    """A kept cell must have been scored on this run's pool/test split (its fingerprint is in every cell)."""
+    if row.get("split_id", split_id) != split_id:
+        raise SystemExit(f"{cell_file} was scored on another pool/test split (split {row['split_id']}, this "
+                         f"run {split_id}): use another --cells-dir for this dataset or split")
+
+
+def write_reports(work: Path, dataset_json: dict, s: Settings, rows: Optional[List[dict]] = None) -> None:
+    """results.csv/.md/.png of the kept cells (``rows`` where the caller has read them already)."""
+    rows = load_rows(cells_dir_of(s)) if rows is None else rows
     if not rows:
         return
     class_cols = sorted({k for r in rows for k in r if k.startswith("dice_")}, key=lambda c: int(c[5:]))
@@ -699,9 +705,9 @@ def plot(rows: List[dict], path: Path, title: str) -> List[str]:
             ks = sorted(by_k)
             stats = [mean_ci(list(by_k[k].values())) for k in ks]
             color, linestyle, marker = next(styles)
-            line, = ax.plot(ks, [m for m, _, _ in stats], marker=marker, linestyle=linestyle, color=color, label=label)
-            ax.fill_between(ks, [lo for _, lo, _ in stats], [hi for _, _, hi in stats], color=line.get_color(),
-                            alpha=0.15, linewidth=0)
+            ax.plot(ks, [m for m, _, _ in stats], marker=marker, linestyle=linestyle, color=color, label=label)
+            ax.fill_between(ks, [lo for _, lo, _ in stats], [hi for _, _, hi in stats], color=color, alpha=0.15,
+                            linewidth=0)
             if method == "scratch" or "scratch" not in methods:
                 continue
             dk = [(k, paired_difference(by_k[k], methods["scratch"].get(k, {}))) for k in ks]
@@ -710,7 +716,7 @@ def plot(rows: List[dict], path: Path, title: str) -> List[str]:
                 ax_d.plot([k for k, _ in dk], [d.mean for _, d in dk], marker=marker, linestyle=linestyle,
                           color=color, label=label)
                 ax_d.fill_between([k for k, _ in dk], [d.low for _, d in dk], [d.high for _, d in dk],
-                                  color=line.get_color(), alpha=0.15, linewidth=0)
+                                  color=color, alpha=0.15, linewidth=0)
     ks_all = sorted({r["labeled"] for r in rows})
     for a in (ax, ax_d):
         a.set_xscale("log")

@@ -200,7 +200,7 @@ def test_report_only_rewrites_the_results_from_kept_cells_and_trains_nothing(pha
     # cells of another split are refused, not mixed into the report
     (cells / "other.json").write_text(json.dumps({**_row("scratch", 2, {"c1": [0.1, 0.1]}), "split_id": "0123456789ab"}))
     res = subprocess.run([str(c) for c in cmd], env=env, capture_output=True, text=True)
-    assert res.returncode != 0 and "another pool/test split (0123456789ab" in res.stderr
+    assert res.returncode != 0 and "other.json was scored on another pool/test split (split 0123456789ab, this run" in res.stderr
 
 
 @pytest.mark.realdata
