@@ -118,12 +118,12 @@ def _cmd_probe(args) -> int:
     _require_env("nnUNet_preprocessed")
     from nnunet_ssl.probe import probe
     r = probe(args.checkpoint, str(args.d), args.f, args.labeled, args.seed, args.voxels_per_class, args.steps,
-              args.val_cases, not args.no_random)
+              args.val_cases, not args.no_random, args.score_unlabeled)
     for which in ("pretrained", "random"):
         if which in r:
             per_class = ", ".join(f"{k}: {v:.3f}" for k, v in r[which]["per_class"].items())
             print(f"{which:>10}: linear-probe Dice {r[which]['mean_dice']:.4f} ({per_class}) on {len(r['val_cases'])} "
-                  f"validation cases, trained on {args.labeled} cases, {r[which]['features']} features")
+                  f"{'unlabelled training' if args.score_unlabeled is not None else 'validation'} cases, trained on {args.labeled} cases, {r[which]['features']} features")
     if args.json:
         Path(args.json).write_text(json.dumps(r, indent=1))
     return 0
@@ -288,6 +288,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--voxels-per-class", type=int, default=2000)
     s.add_argument("--steps", type=int, default=300)
     s.add_argument("--val-cases", type=int, default=None, help="score only the first N validation cases")
+    s.add_argument("--score-unlabeled", type=int, default=None, metavar="N",
+                   help="score on N of the fold's training cases the probe is not trained on instead of its "
+                        "validation cases (a pretraining fold has only a few validation cases)")
     s.add_argument("--no-random", action="store_true", help="skip the random-network reference")
     s.add_argument("--json", default=None, help="also write the full result (per case, per class) here")
     s.set_defaults(func=_cmd_probe)

@@ -79,7 +79,7 @@ def _dice(pred: np.ndarray, ref: np.ndarray, labels: Sequence[int]) -> List[floa
 
 
 def _load_cases(dataset: str, configuration_manager, fold: int, labeled: int, seed: int,
-                val_cases: Optional[int]):
+                val_cases: Optional[int], score_unlabeled: Optional[int] = None):
     from nnunetv2.paths import nnUNet_preprocessed
     from nnunetv2.training.dataloading.nnunet_dataset import infer_dataset_class
     from nnunetv2.utilities.dataset_name_id_conversion import maybe_convert_to_dataset_name
@@ -99,18 +99,35 @@ def _load_cases(dataset: str, configuration_manager, fold: int, labeled: int, se
     splits = json.loads(splits_file.read_text())
     if not 0 <= fold < len(splits):
         raise SystemExit(f"fold {fold} is not in {splits_file} ({len(splits)} folds)")
-    train, val = sorted(splits[fold]["train"]), sorted(splits[fold]["val"])
+    train, val = select_cases(splits[fold]["train"], splits[fold]["val"], labeled, seed, val_cases,
+                              score_unlabeled, fold)
+    return infer_dataset_class(str(folder))(str(folder)), train, val
+
+
+def select_cases(fold_train: Sequence[str], fold_val: Sequence[str], labeled: int, seed: int,
+                 val_cases: Optional[int] = None, score_unlabeled: Optional[int] = None, fold: int = 0):
+    """The probe's k labelled cases (a seeded sample of the fold's training cases) and the cases it scores: the
+    fold's validation cases, or with ``score_unlabeled`` N the first N (sorted) training cases the probe is not
+    trained on. A pretraining fold has every case in training and only a few in validation; scoring on the unused
+    training cases gives the ranking more than those few cases."""
+    train, val = sorted(fold_train), sorted(fold_val)
     if labeled > len(train):
         raise SystemExit(f"--labeled {labeled}: fold {fold} has only {len(train)} training cases")
-    train = random.Random(seed).sample(train, labeled)
+    labelled = random.Random(seed).sample(train, labeled)
+    if score_unlabeled is not None:
+        rest = [c for c in train if c not in set(labelled)]
+        if score_unlabeled > len(rest):
+            raise SystemExit(f"--score-unlabeled {score_unlabeled}: fold {fold} has only {len(rest)} training cases "
+                             f"besides the {labeled} labelled ones; ask for fewer")
+        val = rest[:score_unlabeled]
     if val_cases is not None:
         val = val[:val_cases]
-    return infer_dataset_class(str(folder))(str(folder)), train, val
+    return labelled, val
 
 
 def probe(checkpoint: str, dataset: str, fold: int = 0, labeled: int = 5, seed: int = 0,
           voxels_per_class: int = 2000, steps: int = 300, val_cases: Optional[int] = None,
-          with_random: bool = True) -> Dict:
+          with_random: bool = True, score_unlabeled: Optional[int] = None) -> Dict:
     """Linear-probe Dice of the checkpoint's frozen encoder (and of a random network of the same plans)."""
     from nnunet_ssl.nnunet.checkpoint import load_checkpoint_file
     ckpt = load_checkpoint_file(checkpoint, "cpu")
@@ -119,7 +136,7 @@ def probe(checkpoint: str, dataset: str, fold: int = 0, labeled: int = 5, seed: 
     _, pm, cm, lm = _network(ckpt, True, seed)
     if len(cm.patch_size) != 3:
         raise SystemExit("probe supports 3D configurations (the checkpoint's is 2D)")
-    ds, train, val = _load_cases(dataset, cm, fold, labeled, seed, val_cases)
+    ds, train, val = _load_cases(dataset, cm, fold, labeled, seed, val_cases, score_unlabeled)
     cases = {c: ds.load_case(c)[:2] for c in train + val}
     labels = [int(c) for c in lm.foreground_labels]
     out = {"checkpoint": str(checkpoint), "dataset": str(dataset), "fold": fold, "labeled": labeled, "seed": seed,

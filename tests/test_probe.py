@@ -26,6 +26,21 @@ def test_hypercolumns_take_the_feature_centred_nearest_each_voxel():
     assert torch.allclose(cols[:2, 8, 12, 10], skips[0][0, :, 8, 12, 10], atol=1e-6)
 
 
+def test_probe_scores_unlabelled_training_cases_never_the_labelled_ones():
+    from nnunet_ssl.probe import select_cases
+    train = [f"case_{i:02d}" for i in range(12)][::-1]  # order in the file must not matter
+    labelled, val = select_cases(train, ["v1", "v0"], labeled=4, seed=3)
+    assert len(labelled) == 4 and set(labelled) <= set(train) and val == ["v0", "v1"]
+    same, scored = select_cases(train, ["v1", "v0"], labeled=4, seed=3, score_unlabeled=5)
+    assert same == labelled  # the labelled cases do not depend on what is scored
+    assert scored == sorted(set(train) - set(labelled))[:5]
+    assert select_cases(train, [], 4, 3, val_cases=2, score_unlabeled=8)[1] == scored[:2]
+    with pytest.raises(SystemExit, match="--score-unlabeled 9: fold 0 has only 8 training cases besides the 4"):
+        select_cases(train, [], 4, 3, score_unlabeled=9)
+    with pytest.raises(SystemExit, match="--labeled 13: fold 0 has only 12"):
+        select_cases(train, [], 13, 3)
+
+
 @pytest.mark.slow
 def test_probe_command_same_weights_as_reference_score_the_same(tmp_path):
     from nnunet_ssl.phantom import make_phantom_dataset
@@ -52,6 +67,12 @@ def test_probe_command_same_weights_as_reference_score_the_same(tmp_path):
     assert 0 < r["pretrained"]["mean_dice"] <= 1 and r["pretrained"]["features"] == sum(
         plans["configurations"]["3d_fullres"]["architecture"]["arch_kwargs"]["features_per_stage"])
     assert "linear-probe Dice" in res.stdout
+    # scoring on the fold's unlabelled training case instead of its validation cases
+    res = run([BIN / "nnunet-ssl", "probe", tmp_path / "ckpt.pth", "-d", 994, "--labeled", 3, "--steps", 50,
+               "--score-unlabeled", 1, "--no-random", "--json", tmp_path / "probe1.json"], env)
+    r1 = json.loads((tmp_path / "probe1.json").read_text())
+    assert r1["train_cases"] == r["train_cases"] and r1["val_cases"] == sorted(set(cases[:4]) - set(r["train_cases"]))
+    assert "random" not in r1 and "on 1 unlabelled training cases" in res.stdout
     # bad input: one line, non-zero exit
     import subprocess
     bad = subprocess.run([str(BIN / "nnunet-ssl"), "probe", str(tmp_path / "ckpt.pth"), "-d", "994", "-f", "3"],
