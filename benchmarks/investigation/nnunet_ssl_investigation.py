@@ -119,6 +119,11 @@ class nnUNetTrainerPretrainedFinetune_cpu_llrd(nnUNetTrainerPretrainedFinetune_c
     layer_decay = 0.75
 
 
+class nnUNetTrainerPretrainedFinetune_cpu_llrd05(nnUNetTrainerPretrainedFinetune_cpu_lr1e2):
+    """Layer-wise lr decay 0.5 per encoder stage: the first stage at 1/8 of the peak lr."""
+    layer_decay = 0.5
+
+
 # ---- the hand-off and the pretraining length
 class SpadePretrainTrainer_cpu_norescale(SpadePretrainTrainer_cpu):
     """Hands the conv weights over at their trained scale (no reset to He norms)."""
