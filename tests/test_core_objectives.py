@@ -148,6 +148,84 @@ def test_dense_loss_with_padding_slots_matches_compacted_reference():
     assert stats["mean_neg"].item() == pytest.approx(sum(map(sum, neg)) / n, rel=1e-6)
 
 
+def _generic_dense_loss(dense, coords, valid, canonical_scale, canonical_offset, sample_index, stride, num_samples,
+                        tolerance, r_neg, temperature, generator):
+    """The local branch through the generic selection and loss (contrastive_masks + info_nce over gathered views):
+    the path the fused dense_correspondence_loss replaced, kept as its reference."""
+    from nnunet_ssl.core.correspondence import gather_at, sample_coords, sample_correspondences
+    from nnunet_ssl.core.frames import apply_axis_affine
+    from nnunet_ssl.core.loss import info_nce
+    from nnunet_ssl.core.selection import contrastive_masks
+    shape = tuple(n // st for n, st in zip(coords.shape[2:], stride))
+    c_feat, v_feat = sample_coords(coords, valid, stride, (0.0,) * 3, shape)
+    a, b = view_pairs(sample_index)
+    corr = sample_correspondences(c_feat[a], v_feat[a], c_feat[b], v_feat[b], num_samples,
+                                  tolerance * max(stride), generator=generator)
+    canon = apply_axis_affine(c_feat, canonical_scale, canonical_offset)
+    fa, fb = gather_at(dense[a], corr["index_a"]), gather_at(dense[b], corr["index_b"])
+    xa, xb = gather_at(canon[a], corr["index_a"]), gather_at(canon[b], corr["index_b"])
+    m = corr["mask"].reshape(-1)
+    pair_id = torch.arange(m.numel())
+    z = torch.cat((fa.reshape(-1, fa.shape[-1]), fb.reshape(-1, fb.shape[-1])))
+    x = torch.cat((xa.reshape(-1, 3), xb.reshape(-1, 3)))
+    pos, neg = contrastive_masks(x, torch.cat((pair_id, pair_id)), 0.0, r_neg, valid=torch.cat((m, m)))
+    loss, stats = info_nce(z, None, pos, neg, temperature)
+    return loss, pos, neg, m
+
+
+@pytest.mark.parametrize("seed,r_neg", [(0, 0.1), (1, 0.05), (2, 0.0), (3, 0.3)])
+def test_fused_dense_loss_equals_the_generic_path(seed, r_neg):
+    # CPU-budget-like geometry: 4 crops x 2 views, stride 2, rotated + mirrored + shifted views with partial
+    # overlap and an invalid border (padding slots), canonical scales per case; loss, gradient and counts must
+    # equal the generic path's (float32; tolerances: loss rel 1e-5, gradient abs 1e-6 at |g| ~1e-3)
+    g = torch.Generator().manual_seed(seed)
+    b, s, c, stride = 4, (12, 16, 12), 16, (2, 2, 2)
+    grid = torch.stack(torch.meshgrid(*[torch.arange(n, dtype=torch.float32) for n in s], indexing="ij"))
+    views = []
+    for view in range(2):
+        for case in range(b):
+            theta = float(torch.rand(1, generator=g)) * 0.6 - 0.3
+            rot = torch.tensor([[math.cos(theta), -math.sin(theta), 0], [math.sin(theta), math.cos(theta), 0],
+                                [0, 0, 1.0]])
+            coord = torch.einsum("ij,j...->i...", rot, grid) + torch.rand(3, 1, 1, 1, generator=g) * 3
+            views.append(coord.flip(1) if view else coord)
+    coords = torch.stack(views) + 10.0 * torch.arange(b).repeat(2)[:, None, None, None, None]
+    valid = torch.ones(2 * b, *s, dtype=torch.bool)
+    valid[:, :2] = False
+    valid[b + 1, :, -5:] = False
+    valid[b + 2, :, :-2] = False  # a sliver of overlap: fewer matches than k, padding slots
+    scale = (0.02 + 0.02 * torch.rand(b, 3, generator=g)).repeat(2, 1)
+    offset = (0.1 * torch.rand(b, 3, generator=g)).repeat(2, 1)
+    sample = torch.arange(b).repeat(2)
+    dense = F.normalize(torch.randn(2 * b, c, *(n // 2 for n in s), generator=g), dim=1)
+    d_fused, d_ref = dense.clone().requires_grad_(), dense.clone().requires_grad_()
+    k, tol, tau = 64, 1.0, 0.1
+    loss, stats = dense_correspondence_loss(d_fused, coords, valid, scale, offset, sample, stride, k, tol, r_neg, tau,
+                                            generator=torch.Generator().manual_seed(seed))
+    ref, pos, neg, m = _generic_dense_loss(d_ref, coords, valid, scale, offset, sample, stride, k, tol, r_neg, tau,
+                                           generator=torch.Generator().manual_seed(seed))
+    assert 0 < m.sum() < m.numel()  # both matched and padding slots
+    assert neg.sum() > 0
+    assert loss.item() == pytest.approx(ref.item(), rel=1e-5)
+    loss.backward()
+    ref.backward()
+    assert d_ref.grad.abs().max() > 1e-4
+    torch.testing.assert_close(d_fused.grad, d_ref.grad, rtol=1e-4, atol=1e-6)
+    n_ok = 2 * m.sum().item()
+    assert stats["num_pairs"].item() == m.sum().item()
+    assert stats["mean_pos"].item() == pytest.approx(pos.sum().item() / n_ok)
+    assert stats["mean_neg"].item() == pytest.approx(neg.sum().item() / n_ok)
+
+
+def test_dense_loss_rejects_bad_hyperparameters():
+    coords, valid, dense, sample = _partial_overlap_batch()
+    args = (torch.full((len(sample), 3), 0.1), torch.zeros(len(sample), 3), sample, (1, 1, 1), 8, 0.5)
+    with pytest.raises(ValueError, match="r_neg must be >= 0"):
+        dense_correspondence_loss(dense, coords, valid, *args, -0.1, 0.1)
+    with pytest.raises(ValueError, match="temperature must be > 0"):
+        dense_correspondence_loss(dense, coords, valid, *args, 0.1, 0.0)
+
+
 def test_spade_objectives_never_wait_for_the_device():
     # a value read on the host (bool()/.item(), boolean indexing -> nonzero, torch.equal) makes a GPU step wait for
     # every queued kernel; the objectives must issue none, apart from view_pairs' layout check of host tensors

@@ -5,12 +5,11 @@ from __future__ import annotations
 from typing import Dict, Optional, Sequence, Tuple
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
-from ..correspondence import gather_at, sample_coords, sample_correspondences
-from ..frames import apply_axis_affine
-from ..selection import contrastive_masks, view_pairs
-from .info_nce import info_nce
+from ..correspondence import sample_coords, sample_correspondences
+from ..selection import view_pairs
 
 
 def dense_correspondence_loss(dense: Tensor, coords: Tensor, valid: Tensor, canonical_scale: Tensor,
@@ -36,26 +35,46 @@ def dense_correspondence_loss(dense: Tensor, coords: Tensor, valid: Tensor, cano
         raise ValueError(f"feature map {tuple(dense.shape[2:])} does not match the input {tuple(coords.shape[2:])} "
                          f"at stride {tuple(scale)} ({expect})")
     c_feat, v_feat = sample_coords(coords.to(dense.device), valid.to(dense.device), scale, offset, expect)
+    if r_neg < 0:
+        raise ValueError(f"r_neg must be >= 0, got {r_neg}")
+    if temperature <= 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
     a, b = view_pairs(sample_index)
     a, b = a.to(dense.device, non_blocking=True), b.to(dense.device, non_blocking=True)
     corr = sample_correspondences(c_feat[a], v_feat[a], c_feat[b], v_feat[b], num_samples,
                                   tolerance * float(max(scale)), generator=generator)
-    canon = apply_axis_affine(c_feat, canonical_scale.to(dense.device), canonical_offset.to(dense.device))
-    fa = gather_at(dense[a], corr["index_a"])  # (B,K,C)
-    fb = gather_at(dense[b], corr["index_b"])
-    xa = gather_at(canon[a], corr["index_a"])  # (B,K,3)
-    xb = gather_at(canon[b], corr["index_b"])
-    m = corr["mask"].reshape(-1)
-    pair_id = torch.arange(m.numel(), device=m.device)
-    z = torch.cat((fa.reshape(-1, fa.shape[-1]), fb.reshape(-1, fb.shape[-1])), 0)
-    x = torch.cat((xa.reshape(-1, 3), xb.reshape(-1, 3)), 0)
-    group = torch.cat((pair_id, pair_id), 0)
-    slot_ok = torch.cat((m, m), 0)
-    pos, neg = contrastive_masks(x, group, 0.0, r_neg, valid=slot_ok)
-    loss, stats = info_nce(z, None, pos, neg, temperature)
-    # per-anchor counts over the sampled voxels only (info_nce averages over all rows; padding rows count none)
-    per_voxel = z.shape[0] / slot_ok.sum().clamp_min(1).float()
-    stats["mean_pos"] = stats["mean_pos"] * per_voxel
-    stats["mean_neg"] = stats["mean_neg"] * per_voxel
-    stats["num_pairs"] = m.sum().float().detach()
+    k = corr["mask"].shape[1]
+    # rows (2*B*K,): slot j of view a, then the same slots of view b; voxels are read straight from the (N,C,V)
+    # maps by (row, voxel) index, without copying whole feature maps per view
+    rows = torch.cat((a, b))[:, None].expand(-1, k).reshape(-1)
+    vox = torch.cat((corr["index_a"], corr["index_b"])).reshape(-1)
+    with torch.autocast(device_type=dense.device.type, enabled=False):
+        # float32: the logits at low temperature overflow / underflow half precision
+        z = F.normalize(dense.flatten(2)[rows, :, vox].float(), dim=-1)  # (2P, C)
+        x = c_feat.flatten(2)[rows, :, vox].float()  # (2P, 3) preprocessed voxel positions
+        x = x * canonical_scale.to(x)[rows] + canonical_offset.to(x)[rows]
+        m = corr["mask"].reshape(-1)
+        slot_ok = torch.cat((m, m))
+        n, p = z.shape[0], m.numel()
+        # the one positive of row i is its corresponding voxel in the other view, row (i + P) mod 2P
+        partner = torch.arange(n, device=z.device).add_(p).remainder_(n)
+        eye = torch.eye(n, dtype=torch.bool, device=z.device)
+        is_partner = eye.roll(p, dims=1)
+        # negatives: other sampled voxels farther than r_neg; squared distances from direct per-axis differences
+        # (exact, as contrastive_masks' cdist: two slots may share a voxel, at distance 0 exactly)
+        d2 = (x[:, None, 0] - x[None, :, 0]).square_()
+        for axis in (1, 2):
+            d2.add_((x[:, None, axis] - x[None, :, axis]).square_())
+        pair_ok = slot_ok[:, None] & slot_ok[None, :]
+        neg = (d2 > r_neg * r_neg) & pair_ok & ~(eye | is_partner)
+        logits = z @ z.t() / temperature
+        # padding rows keep every entry (a finite, discarded value; no all -inf row), as in info_nce
+        allowed = neg | is_partner | ~slot_ok[:, None]
+        lse = torch.logsumexp(logits.masked_fill(~allowed, float("-inf")), dim=1)
+        pos_logit = logits.gather(1, partner[:, None]).squeeze(1)
+        n_ok = slot_ok.sum()
+        loss = torch.where(slot_ok, lse - pos_logit, 0.0).sum() / n_ok.clamp_min(1).float()
+    per_voxel = 1.0 / n_ok.clamp_min(1).float()
+    stats = {"mean_pos": (n_ok > 0).float().detach(), "mean_neg": (neg.sum() * per_voxel).detach(),
+             "num_anchors": n_ok.float().detach(), "num_pairs": m.sum().float().detach()}
     return loss, stats
