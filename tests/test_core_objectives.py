@@ -40,6 +40,50 @@ def test_global_selection_on_a_line():
     assert stats["mean_pos"].item() == pytest.approx(sum(map(sum, pos)) / 6)
 
 
+def test_global_loss_with_a_queue_matches_reference():
+    # queued keys farther than r_neg from the anchor are extra negatives, nearer ones and empty slots are left out,
+    # none is a positive; the batch rows keep their own selection
+    torch.manual_seed(5)
+    centers = torch.rand(6, 3)
+    sample = torch.tensor([0, 1, 2, 0, 1, 2])
+    z = torch.randn(6, 8, requires_grad=True)
+    qk, qc = torch.randn(5, 8), torch.rand(5, 3)
+    filled = torch.tensor([True, True, True, True, False])
+    r_pos, r_neg, tau = 0.2, 0.4, 0.3
+    loss, stats = spade_global_loss(z, centers, sample, r_pos, r_neg, tau, qk, qc, filled)
+    allz = torch.cat((z.detach(), qk))
+    allc = torch.cat((centers, qc))
+    n, m = 6, 11
+    d = torch.cdist(allc, allc)
+    pos = [[j < n and i != j and (sample[i] == sample[j] or d[i, j] < r_pos) for j in range(m)] for i in range(n)]
+    neg = [[i != j and not pos[i][j] and d[i, j] > r_neg and (j < n or bool(filled[j - n])) for j in range(m)]
+           for i in range(n)]
+    assert any(neg[i][j] for i in range(n) for j in range(n, m))  # the queue adds negatives
+    assert any(not neg[i][j] for i in range(n) for j in range(n, m - 1))  # ... and leaves near ones out
+    ref = _slow_info_nce_rect(z.detach(), allz, pos, neg, tau)
+    assert loss.item() == pytest.approx(ref, rel=1e-5)
+    assert stats["mean_neg"].item() == pytest.approx(sum(map(sum, neg)) / n)
+    loss.backward()
+    assert torch.isfinite(z.grad).all() and z.grad.abs().sum() > 0
+    # an empty queue changes nothing
+    empty, _ = spade_global_loss(z, centers, sample, r_pos, r_neg, tau, qk, qc, torch.zeros(5, dtype=torch.bool))
+    plain, _ = spade_global_loss(z, centers, sample, r_pos, r_neg, tau)
+    assert empty.item() == pytest.approx(plain.item(), rel=1e-6)
+
+
+def _slow_info_nce_rect(anchors, candidates, pos, neg, tau):
+    a, c = F.normalize(anchors.double(), dim=1), F.normalize(candidates.double(), dim=1)
+    losses = []
+    for i in range(len(a)):
+        p = [j for j in range(len(c)) if pos[i][j]]
+        if not p:
+            continue
+        den = [j for j in range(len(c)) if pos[i][j] or neg[i][j]]
+        lse = math.log(sum(math.exp(float(a[i] @ c[j]) / tau) for j in den))
+        losses.append(-sum(float(a[i] @ c[j]) / tau - lse for j in p) / len(p))
+    return sum(losses) / len(losses)
+
+
 def test_view_pairs_any_order_and_error():
     a, b = view_pairs(torch.tensor([2, 0, 1, 0, 2, 1]))
     assert torch.equal(a, torch.tensor([1, 2, 0])) and torch.equal(b, torch.tensor([3, 5, 4]))

@@ -126,3 +126,26 @@ def test_state_dict_round_trip():
     assert torch.equal(n1, n2) and torch.equal(m1, m2)
     moved = LocationBinnedQueue(dim=4, size=16, bins_per_axis=2).to(torch.float64)
     assert moved.keys.dtype == torch.float64 and moved.subject.dtype == torch.long
+
+
+def test_positioned_queue_is_a_fifo():
+    from nnunet_ssl.core.queue import PositionedQueue
+    q = PositionedQueue(dim=2, size=4)
+    assert not q.filled.any()
+    k = torch.arange(6, dtype=torch.float32)[:, None].repeat(1, 2)
+    p = torch.arange(6, dtype=torch.float32)[:, None].repeat(1, 3)
+    q.enqueue(k[:3], p[:3])
+    assert q.filled.tolist() == [True, True, True, False] and q.keys[:3, 0].tolist() == [0, 1, 2]
+    q.enqueue(k[3:5], p[3:5])  # wraps: 4 overwrites the oldest slot (0)
+    assert q.keys[:, 0].tolist() == [4, 1, 2, 3] and q.positions[:, 0].tolist() == [4, 1, 2, 3]
+    assert q.ptr.item() == 1
+    q.enqueue(k, p)  # more rows than slots: the last 4 survive, as if enqueued one by one
+    ref = PositionedQueue(dim=2, size=4)
+    for src in (k[:3], k[3:5]) + tuple(k[i:i + 1] for i in range(6)):
+        ref.enqueue(src, src[:, :1].repeat(1, 3))
+    assert torch.equal(q.keys, ref.keys) and torch.equal(q.positions, ref.positions) and q.ptr == ref.ptr
+    assert sorted(q.keys[:, 0].tolist()) == [2, 3, 4, 5]
+    state = q.state_dict()
+    assert set(state) == {"keys", "positions", "filled", "ptr"}
+    with pytest.raises(ValueError, match="expected keys"):
+        q.enqueue(torch.zeros(2, 3), torch.zeros(2, 3))

@@ -92,6 +92,45 @@ def test_drasclr_checkpoint_restores_queue_and_momentum_encoder(tiny):
     assert tr.current_epoch == 2
 
 
+def test_spade_global_queue_fills_and_is_restored(tiny):
+    from pathlib import Path
+    trainer = "SpadePretrainTrainer_queuetest"  # tests/ext_trainers: queue of 16 momentum-encoder keys
+    run([BIN / "nnUNetv2_train", DATASET, "3d_fullres", "all", "-tr", trainer, "-p", "nnUNetPlansTiny", "-device",
+         "cpu"], clean_env(tiny, nnUNet_extTrainer=Path(__file__).parent / "ext_trainers"))
+    ckpt_file = tiny / "results" / NAME / f"{trainer}__nnUNetPlansTiny__3d_fullres" / "fold_all" / \
+        "checkpoint_final.pth"
+    ckpt = torch.load(ckpt_file, map_location="cpu", weights_only=False)
+    queue = ckpt["ssl_extra_state"]["global_queue"]
+    written = int(queue["filled"].sum())
+    assert written > 0, "training must have filled the queue"
+    # the queued keys are unit momentum-encoder embeddings at canonical crop centres
+    keys = queue["keys"][queue["filled"]]
+    assert torch.allclose(keys.norm(dim=1), torch.ones(written), atol=1e-2)  # bf16 autocast where the CPU has it
+    pos = queue["positions"][queue["filled"]]
+    assert ((pos >= -0.5) & (pos <= 1.5)).all()
+    log = ckpt["logging"]
+    assert all(np.isfinite(log["train_global"]))
+
+    import importlib.util
+    import os
+    spec = importlib.util.spec_from_file_location("queue_trainers", Path(__file__).parent / "ext_trainers" /
+                                                  "queue_trainers.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    pre = tiny / "preprocessed" / NAME
+    plans = json.loads((pre / "nnUNetPlansTiny.json").read_text())
+    plans["continue_training"] = True
+    os.environ.update(clean_env(tiny))
+    tr = mod.SpadePretrainTrainer_queuetest(plans, "3d_fullres", "all", json.loads((pre / "dataset.json").read_text()),
+                                            device=torch.device("cpu"))
+    tr.load_checkpoint(str(ckpt_file))
+    for k, v in queue.items():
+        assert torch.equal(tr.global_queue.state_dict()[k].cpu(), v), k
+    # a checkpoint without the queue is refused with the reason, not half-loaded
+    with pytest.raises(ValueError, match="no global queue"):
+        tr.load_extra_state({"key_model": ckpt["ssl_extra_state"]["key_model"]})
+
+
 def test_inspect_pairs_draws_the_selection(tiny, tmp_path):
     png = tmp_path / "pairs.png"
     res = run([BIN / "nnunet-ssl", "inspect-pairs", "-d", DATASET, "-tr", "SpadePretrainTrainer_smoke", "-p",

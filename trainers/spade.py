@@ -7,6 +7,7 @@ from nnunet_ssl.core.frames import canonical_boxes
 from nnunet_ssl.core.loss import affinity_weighted_loss
 from nnunet_ssl.core.heads import DenseProjectionHead, GlobalProjectionHead
 from nnunet_ssl.core.loss import dense_correspondence_loss, spade_global_loss
+from nnunet_ssl.core.queue import PositionedQueue
 from nnunet_ssl.core.selection import contrastive_masks
 from nnunet_ssl.nnunet.budget import CPUBudget, SmokeBudget
 from nnunet_ssl.nnunet.engine import ContrastivePretrainTrainer
@@ -34,6 +35,11 @@ class SpadePretrainTrainer(ContrastivePretrainTrainer):
     local_match_tolerance = 1.0  # max distance (feature voxels) between matched voxel positions
     lambda_global = 1.0
     lambda_local = 1.0
+    # a FIFO of earlier steps' global keys (0: off): a batch of a few crops has few far-apart ones, and the queued
+    # keys farther than r_neg from an anchor become extra negatives. Keys are the momentum encoder's when
+    # use_momentum_encoder is set (MoCo), else the online embeddings, detached (a memory bank).
+    global_queue_size = 0
+    global_queue = None
 
     head_inputs = {"global": "bottleneck", "local": "decoder"}
     host_only_batch_keys = ()  # the dense branch matches voxels by their coordinates: the loss reads every entry
@@ -41,6 +47,8 @@ class SpadePretrainTrainer(ContrastivePretrainTrainer):
 
     def build_heads(self) -> nn.ModuleDict:
         dim = len(self.configuration_manager.patch_size)
+        if self.global_queue_size > 0:
+            self.global_queue = PositionedQueue(self.global_out_dim, self.global_queue_size).to(self.device)
         return nn.ModuleDict({
             "global": GlobalProjectionHead(self.feature_channels("bottleneck"), self.global_hidden_dim,
                                            self.global_out_dim),
@@ -51,9 +59,31 @@ class SpadePretrainTrainer(ContrastivePretrainTrainer):
         return contrastive_masks(batch["canonical_center"], batch["sample_index"], self.r_pos, self.r_neg)
 
     def global_loss(self, outputs, batch):
-        return spade_global_loss(outputs["global"], batch["canonical_center"].to(self.device),
-                                 batch["sample_index"].to(self.device), self.r_pos, self.r_neg,
-                                 self.temperature_global)
+        centers = batch["canonical_center"].to(self.device)
+        q = self.global_queue
+        loss, stats = spade_global_loss(outputs["global"], centers, batch["sample_index"].to(self.device),
+                                        self.r_pos, self.r_neg, self.temperature_global,
+                                        *((q.keys, q.positions, q.filled) if q is not None else ()))
+        # after the loss, so that a batch never meets its own keys; training batches only. Under DDP outputs and
+        # batch are the gathered global ones (engine), so every rank enqueues the same keys in the same order
+        if q is not None and self.model.training:
+            q.enqueue(outputs.get("key_global", outputs["global"]).detach(), centers)
+        return loss, stats
+
+    def extra_checkpoint_state(self) -> dict:
+        state = super().extra_checkpoint_state()
+        if self.global_queue is not None:
+            state["global_queue"] = {k: v.detach().cpu().clone() for k, v in self.global_queue.state_dict().items()}
+        return state
+
+    def load_extra_state(self, state: dict) -> None:
+        super().load_extra_state(state)
+        if self.global_queue is not None:
+            if "global_queue" not in state:
+                raise ValueError("checkpoint has no global queue although this trainer keeps one "
+                                 f"(global_queue_size = {self.global_queue_size}): it was written by another trainer; "
+                                 "start a new run instead of --c")
+            self.global_queue.load_state_dict(state["global_queue"])
 
     def local_loss(self, outputs, batch):
         return dense_correspondence_loss(
@@ -102,6 +132,12 @@ class SpadeSoftPretrainTrainer(SpadePretrainTrainer):
     benchmark_name = "spade_soft"
     temperature_soft = 0.5
     logged_terms = ("global", "local", "mean_affinity_global", "mean_pos_local", "mean_neg_local")
+
+    def build_heads(self) -> nn.ModuleDict:
+        if self.global_queue_size > 0:
+            raise ValueError(f"{type(self).__name__}: the soft global branch weights every pair of the batch and keeps "
+                             f"no queue; set global_queue_size = 0 (it is {self.global_queue_size})")
+        return super().build_heads()
 
     def affinity(self, batch) -> torch.Tensor:
         boxes = canonical_boxes(batch["coords"], batch["valid"], batch["canonical_scale"],

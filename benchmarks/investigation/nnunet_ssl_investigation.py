@@ -159,3 +159,16 @@ class nnUNetTrainerFinetune_cpu_10ep(nnUNetTrainerFinetune_cpu_80ep):
 class SpadePretrainTrainer_cpu_10ep(SpadePretrainTrainer_cpu):
     """10 epochs x 25 iterations of the CPU budget's Spade pretraining (epoch times only)."""
     num_epochs = 10
+
+
+# ---- Spade's global branch with a queue of negatives (a batch of 4 crops x 2 views has ~2 negatives per anchor)
+class SpadePretrainTrainer_cpu_queue(SpadePretrainTrainer_cpu):
+    """Global queue of the last 256 online embeddings (32 steps), detached: a memory bank."""
+    global_queue_size = 256
+
+
+class SpadePretrainTrainer_cpu_moco(SpadePretrainTrainer_cpu):
+    """Global queue of the last 256 keys of a momentum encoder (momentum 0.99 for the 1000-step CPU budget)."""
+    global_queue_size = 256
+    use_momentum_encoder = True
+    momentum = 0.99

@@ -7,7 +7,7 @@ from .loss import (affinity_weighted_loss, dense_correspondence_loss, drasclr_lo
                    pdcr_loss, spade_global_loss)
 from .masking import block_mask
 from .momentum import momentum_update
-from .queue import LocationBinnedQueue
+from .queue import LocationBinnedQueue, PositionedQueue
 from .selection import contrastive_masks, instance_masks, positional_masks, view_pairs
 
 __all__ = [
@@ -21,6 +21,7 @@ __all__ = [
     "DenseProjectionHead",
     "LocationConditionedHead",
     "LocationBinnedQueue",
+    "PositionedQueue",
     "drasclr_loss",
     "momentum_update",
     "sample_correspondences",

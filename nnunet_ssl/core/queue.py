@@ -88,3 +88,39 @@ class LocationBinnedQueue(nn.Module):
         subj = self.subject[b]
         mask = (subj >= 0) & (subj != subjects.to(device=subj.device, dtype=torch.long)[:, None])
         return self.keys[b], mask
+
+
+class PositionedQueue(nn.Module):
+    """A FIFO of detached keys with the position each key's crop was taken at (Spade's global negatives).
+
+    A batch of a few crops per step has few crops far enough apart to be negatives; the queue keeps the last
+    ``size`` keys of earlier steps, and the loss takes those farther than ``r_neg`` from an anchor as extra
+    negatives. State lives in buffers (follows ``.to()``, saved in ``state_dict``); ``filled`` marks written slots.
+    """
+
+    def __init__(self, dim: int, size: int, position_dim: int = 3):
+        super().__init__()
+        if dim < 1 or size < 1 or position_dim < 1:
+            raise ValueError(f"dim, size and position_dim must be >= 1, got {dim}, {size}, {position_dim}")
+        self.size = size
+        self.register_buffer("keys", torch.zeros(size, dim))
+        self.register_buffer("positions", torch.zeros(size, position_dim))
+        self.register_buffer("filled", torch.zeros(size, dtype=torch.bool))
+        self.register_buffer("ptr", torch.zeros((), dtype=torch.long))
+
+    @torch.no_grad()
+    def enqueue(self, keys: Tensor, positions: Tensor) -> None:
+        """Write the rows in order, overwriting the oldest slots; equivalent to enqueuing them one by one (with more
+        rows than slots, only the last ``size`` survive). The write position stays on the device: no sync."""
+        n = keys.shape[0]
+        if keys.dim() != 2 or keys.shape[1] != self.keys.shape[1] or positions.shape != (n, self.positions.shape[1]):
+            raise ValueError(f"expected keys (N, {self.keys.shape[1]}) and positions (N, {self.positions.shape[1]}), "
+                             f"got {tuple(keys.shape)} and {tuple(positions.shape)}")
+        if n == 0:
+            return
+        keep = min(n, self.size)
+        slot = (self.ptr + (n - keep) + torch.arange(keep, device=self.ptr.device)) % self.size
+        self.keys[slot] = keys[n - keep:].detach().to(self.keys)
+        self.positions[slot] = positions[n - keep:].detach().to(self.positions)
+        self.filled[slot] = True
+        self.ptr.copy_((self.ptr + n) % self.size)
