@@ -354,7 +354,9 @@ def test_engine_step_spade_updates_weights_as_one_process(ranks):
             _close(torch.as_tensor(r["out"][term]), torch.as_tensor(value))
         for name, w in weights(trainer.model).items():
             assert not torch.equal(w, initial[name])   # the step changed every weight
-            _close(r["weights"][name], w)
+            # after an SGD step (lr x a gradient summed in another order by gloo's all-reduce, and by however many
+            # intra-op threads earlier tests in this process left set) float32 agrees to ~1e-5 relative
+            torch.testing.assert_close(r["weights"][name], w, rtol=1e-4, atol=1e-5)
 
 
 def test_drasclr_steps_losses_queues_and_weights_match_one_process(ranks):
