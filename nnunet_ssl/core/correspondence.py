@@ -109,7 +109,9 @@ def sample_correspondences(
         # invalid b voxels get +inf in the per-column |b|^2 term (their coordinates are zeroed, so the product
         # term stays finite): cheaper than masking the whole (B, M, Sb) buffer afterwards
         norm_b = pb.pow(2).sum(-1).masked_fill(~vb, float("inf"))
-        score_b = torch.baddbmm(norm_b[:, None, :], cand_pos, pb.transpose(1, 2), alpha=-2.0)
+        # bmm, then the column term added in place: the same numbers as baddbmm(norm_b, ., ., alpha=-2) (x -2 is
+        # exact), without baddbmm's copy of the broadcast input into the (B, M, Sb) buffer (2x faster on CPU)
+        score_b = torch.bmm(cand_pos * -2.0, pb.transpose(1, 2)).add_(norm_b[:, None, :])
         nn_idx = argmin_last(score_b)  # (B, M)
         del score_b
     # Exact distance for the chosen pair (the expansion is only used to rank).
