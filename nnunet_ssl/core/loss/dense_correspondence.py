@@ -57,24 +57,27 @@ def dense_correspondence_loss(dense: Tensor, coords: Tensor, valid: Tensor, cano
         slot_ok = torch.cat((m, m))
         n, p = z.shape[0], m.numel()
         # the one positive of row i is its corresponding voxel in the other view, row (i + P) mod 2P
-        partner = torch.arange(n, device=z.device).add_(p).remainder_(n)
-        eye = torch.eye(n, dtype=torch.bool, device=z.device)
-        is_partner = eye.roll(p, dims=1)
+        rows = torch.arange(n, device=z.device)
+        partner = (rows + p).remainder_(n)
         # negatives: other sampled voxels farther than r_neg; squared distances from direct per-axis differences
-        # (exact, as contrastive_masks' cdist: two slots may share a voxel, at distance 0 exactly)
+        # (exact, as contrastive_masks' cdist: two slots may share a voxel, at distance 0 exactly; the diagonal is
+        # exactly 0, so it is never a negative and needs no mask of its own)
         d2 = (x[:, None, 0] - x[None, :, 0]).square_()
         for axis in (1, 2):
             d2.add_((x[:, None, axis] - x[None, :, axis]).square_())
-        pair_ok = slot_ok[:, None] & slot_ok[None, :]
-        neg = (d2 > r_neg * r_neg) & pair_ok & ~(eye | is_partner)
+        far = (d2 > r_neg * r_neg) & slot_ok[:, None] & slot_ok[None, :]
         logits = z @ z.t() / temperature
-        # padding rows keep every entry (a finite, discarded value; no all -inf row), as in info_nce
-        allowed = neg | is_partner | ~slot_ok[:, None]
-        lse = torch.logsumexp(logits.masked_fill(~allowed, float("-inf")), dim=1)
+        # the denominator: the negatives and the positive; padding rows keep every entry (a finite, discarded
+        # value; no all -inf row), as in info_nce
+        excluded = ~far & slot_ok[:, None]
+        excluded[rows, partner] = False
+        lse = torch.logsumexp(logits.masked_fill(excluded, float("-inf")), dim=1)
         pos_logit = logits.gather(1, partner[:, None]).squeeze(1)
         n_ok = slot_ok.sum()
         loss = torch.where(slot_ok, lse - pos_logit, 0.0).sum() / n_ok.clamp_min(1).float()
+        # the partner is the positive, never also a negative (even when farther than r_neg)
+        n_neg = far.sum() - far.gather(1, partner[:, None]).sum()
     per_voxel = 1.0 / n_ok.clamp_min(1).float()
-    stats = {"mean_pos": (n_ok > 0).float().detach(), "mean_neg": (neg.sum() * per_voxel).detach(),
+    stats = {"mean_pos": (n_ok > 0).float().detach(), "mean_neg": (n_neg * per_voxel).detach(),
              "num_anchors": n_ok.float().detach(), "num_pairs": m.sum().float().detach()}
     return loss, stats
