@@ -10,16 +10,7 @@ from nnunet_ssl.core.selection import view_pairs
 
 
 def _slow_info_nce(z, pos, neg, tau):
-    z = F.normalize(z.double(), dim=1)
-    losses = []
-    for i in range(len(z)):
-        p = [j for j in range(len(z)) if pos[i][j]]
-        if not p:
-            continue
-        den = [j for j in range(len(z)) if pos[i][j] or neg[i][j]]
-        lse = math.log(sum(math.exp(float(z[i] @ z[j]) / tau) for j in den))
-        losses.append(-sum(float(z[i] @ z[j]) / tau - lse for j in p) / len(p))
-    return sum(losses) / len(losses)
+    return _slow_info_nce_rect(z, z, pos, neg, tau)
 
 
 def test_global_selection_on_a_line():

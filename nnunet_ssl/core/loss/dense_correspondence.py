@@ -46,13 +46,13 @@ def dense_correspondence_loss(dense: Tensor, coords: Tensor, valid: Tensor, cano
     k = corr["mask"].shape[1]
     # rows (2*B*K,): slot j of view a, then the same slots of view b; voxels are read straight from the (N,C,V)
     # maps by (row, voxel) index, without copying whole feature maps per view
-    rows = torch.cat((a, b))[:, None].expand(-1, k).reshape(-1)
+    src = torch.cat((a, b))[:, None].expand(-1, k).reshape(-1)  # batch row each sampled voxel is read from
     vox = torch.cat((corr["index_a"], corr["index_b"])).reshape(-1)
     with torch.autocast(device_type=dense.device.type, enabled=False):
         # float32: the logits at low temperature overflow / underflow half precision
-        z = F.normalize(dense.flatten(2)[rows, :, vox].float(), dim=-1)  # (2P, C)
-        x = c_feat.flatten(2)[rows, :, vox].float()  # (2P, 3) preprocessed voxel positions
-        x = x * canonical_scale.to(x)[rows] + canonical_offset.to(x)[rows]
+        z = F.normalize(dense.flatten(2)[src, :, vox].float(), dim=-1)  # (2P, C)
+        x = c_feat.flatten(2)[src, :, vox].float()  # (2P, 3) preprocessed voxel positions
+        x = x * canonical_scale.to(x)[src] + canonical_offset.to(x)[src]
         m = corr["mask"].reshape(-1)
         slot_ok = torch.cat((m, m))
         n, p = z.shape[0], m.numel()
