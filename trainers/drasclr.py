@@ -93,16 +93,8 @@ class DrasCLRPretrainTrainer(ContrastivePretrainTrainer):
             self.queue.enqueue(k[other], loc[other], subj)
         return loss, {"local": stats["local"], "neighbour": stats["neighbour"], "mean_neg": stats["mean_neg"]}
 
-    def extra_checkpoint_state(self) -> dict:
-        state = super().extra_checkpoint_state()
-        state["queue"] = {k: v.detach().cpu().clone() for k, v in self.queue.state_dict().items()}
-        return state
-
-    def load_extra_state(self, state: dict) -> None:
-        super().load_extra_state(state)
-        if "queue" not in state:
-            raise ValueError("checkpoint has no DrasCLR queue: it was written by another trainer; start a new run")
-        self.queue.load_state_dict(state["queue"])
+    def stateful_modules(self) -> dict:
+        return {**super().stateful_modules(), "queue": self.queue}
 
 
 class DrasCLRPretrainTrainer_cpu(CPUBudget, DrasCLRPretrainTrainer):

@@ -70,20 +70,9 @@ class SpadePretrainTrainer(ContrastivePretrainTrainer):
             q.enqueue(outputs.get("key_global", outputs["global"]).detach(), centers)
         return loss, stats
 
-    def extra_checkpoint_state(self) -> dict:
-        state = super().extra_checkpoint_state()
-        if self.global_queue is not None:
-            state["global_queue"] = {k: v.detach().cpu().clone() for k, v in self.global_queue.state_dict().items()}
-        return state
-
-    def load_extra_state(self, state: dict) -> None:
-        super().load_extra_state(state)
-        if self.global_queue is not None:
-            if "global_queue" not in state:
-                raise ValueError("checkpoint has no global queue although this trainer keeps one "
-                                 f"(global_queue_size = {self.global_queue_size}): it was written by another trainer; "
-                                 "start a new run instead of --c")
-            self.global_queue.load_state_dict(state["global_queue"])
+    def stateful_modules(self) -> dict:
+        queue = {"global_queue": self.global_queue} if self.global_queue is not None else {}
+        return {**super().stateful_modules(), **queue}
 
     def local_loss(self, outputs, batch):
         return dense_correspondence_loss(

@@ -432,20 +432,26 @@ class PretrainingEngine(CheckpointFormatMixin, nnUNetTrainer):
         })
         return state
 
+    def stateful_modules(self) -> dict:
+        """Method state beyond network and heads that a resumed run needs, by checkpoint key: the momentum encoder
+        here; methods add their queues (``{**super().stateful_modules(), "queue": self.queue}``)."""
+        return {"key_model": self.key_model} if self.key_model is not None else {}
+
     def extra_checkpoint_state(self) -> dict:
-        """Method state beyond network and heads (momentum encoder here; methods add queues etc. and call super)."""
-        state = {}
-        if self.key_model is not None:
-            state["key_model"] = {k: v.detach().cpu().clone(memory_format=torch.contiguous_format)
-                                  for k, v in self.key_model.state_dict().items()}
-        return state
+        # CPU clones: the checkpoint is written while training goes on, and must not alias device buffers
+        return {name: {k: v.detach().cpu().clone(memory_format=torch.contiguous_format)
+                       for k, v in module.state_dict().items()}
+                for name, module in self.stateful_modules().items()}
 
     def load_extra_state(self, state: dict) -> None:
-        if self.key_model is not None:
-            if "key_model" not in state:
-                raise ValueError("checkpoint has no momentum encoder state although this trainer uses one: it was "
-                                 "written by a different trainer; start a new run instead of --c")
-            self.key_model.load_state_dict(state["key_model"])
+        modules = self.stateful_modules()
+        missing = [name for name in modules if name not in state]
+        if missing:  # refuse before loading anything, so a refused checkpoint leaves nothing half-loaded
+            raise ValueError(f"checkpoint has no {', '.join(repr(m) for m in missing)} state although "
+                             f"{self.__class__.__name__} keeps it: it was written by another trainer or "
+                             "configuration; start a new run instead of --c")
+        for name, module in modules.items():
+            module.load_state_dict(state[name])
 
     def load_checkpoint_state(self, ckpt: dict) -> None:
         if "ssl_heads" not in ckpt:
