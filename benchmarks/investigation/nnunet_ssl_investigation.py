@@ -172,3 +172,8 @@ class SpadePretrainTrainer_cpu_moco(SpadePretrainTrainer_cpu):
     global_queue_size = 256
     use_momentum_encoder = True
     momentum = 0.99
+
+
+class SpadePretrainTrainer_cpu_moco_160ep(SpadePretrainTrainer_cpu_moco):
+    """The momentum-queue Spade pretrained four times longer (4000 iterations): does contrast need more steps?"""
+    num_epochs = 160
