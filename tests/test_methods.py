@@ -126,11 +126,16 @@ def test_spade_global_queue_fills_and_is_restored(tiny):
     tr.load_checkpoint(str(ckpt_file))
     for k, v in queue.items():
         assert torch.equal(tr.global_queue.state_dict()[k].cpu(), v), k
-    # a checkpoint without the queue is refused with the reason, and nothing is loaded from it: not even the
-    # momentum encoder it does hold
-    zeros = {k: torch.zeros_like(v) for k, v in ckpt["ssl_extra_state"]["key_model"].items()}
+    # a checkpoint without the queue (say, written without global_queue_size) is refused with the reason, and
+    # nothing is loaded from it: neither its network weights nor the momentum encoder it does hold
+    stripped = {**ckpt, "network_weights": {k: torch.zeros_like(v) for k, v in ckpt["network_weights"].items()},
+                "ssl_extra_state": {"key_model": {k: torch.zeros_like(v)
+                                                  for k, v in ckpt["ssl_extra_state"]["key_model"].items()}}}
+    before = {k: v.clone() for k, v in tr.network.state_dict().items()}
     with pytest.raises(ValueError, match="no 'global_queue' state although SpadePretrainTrainer_queuetest keeps it"):
-        tr.load_extra_state({"key_model": zeros})
+        tr.load_checkpoint(stripped)
+    for k, v in tr.network.state_dict().items():
+        assert torch.equal(v, before[k]), k
     for k, v in ckpt["ssl_extra_state"]["key_model"].items():
         assert torch.equal(tr.key_model.state_dict()[k].cpu(), v), k
 

@@ -443,20 +443,23 @@ class PretrainingEngine(CheckpointFormatMixin, nnUNetTrainer):
                        for k, v in module.state_dict().items()}
                 for name, module in self.stateful_modules().items()}
 
-    def load_extra_state(self, state: dict) -> None:
-        modules = self.stateful_modules()
-        missing = [name for name in modules if name not in state]
-        if missing:  # refuse before loading anything, so a refused checkpoint leaves nothing half-loaded
+    def check_extra_state(self, state: dict) -> None:
+        missing = [name for name in self.stateful_modules() if name not in state]
+        if missing:
             raise ValueError(f"checkpoint has no {', '.join(repr(m) for m in missing)} state although "
                              f"{self.__class__.__name__} keeps it: it was written by another trainer or "
                              "configuration; start a new run instead of --c")
-        for name, module in modules.items():
+
+    def load_extra_state(self, state: dict) -> None:
+        self.check_extra_state(state)
+        for name, module in self.stateful_modules().items():
             module.load_state_dict(state[name])
 
     def load_checkpoint_state(self, ckpt: dict) -> None:
         if "ssl_heads" not in ckpt:
             raise ValueError("checkpoint was not written by an nnunet_ssl pretraining trainer (no 'ssl_heads'); "
                              "use -pretrained_weights to start from other weights")
+        self.check_extra_state(ckpt.get("ssl_extra_state", {}))  # refused before anything loads: no half-loaded run
         super().load_checkpoint_state(ckpt)
         load_head_state(self.heads, ckpt["ssl_heads"])
         self.load_extra_state(ckpt.get("ssl_extra_state", {}))
