@@ -29,6 +29,16 @@ def run(cmd, env, timeout=900, cwd=None):
     return res
 
 
+def phantom_workspace(root: Path, dataset_id: int, name: str, **phantom) -> Path:
+    """nnU-Net's raw / preprocessed / results folders under root and a phantom dataset in raw (make_phantom_dataset's
+    keyword arguments); called again, it adds another dataset."""
+    from nnunet_ssl.phantom import make_phantom_dataset
+    for sub in ("raw", "preprocessed", "results"):
+        (root / sub).mkdir(exist_ok=True)
+    make_phantom_dataset(root / "raw", dataset_id, name, **phantom)
+    return root
+
+
 @pytest.fixture(scope="session")
 def nnunet_bin():
     return BIN
@@ -44,10 +54,7 @@ def tiny_dataset(tmp_path_factory):
     nnUNetPlannerTiny: its plans list 2d and 3d_fullres, only 3d_fullres is preprocessed. Shared by the bad-input and
     crash/resume tests; tests may add results, but must not change its plans or preprocessed data."""
     root = tmp_path_factory.mktemp("tiny")
-    for sub in ("raw", "preprocessed", "results"):
-        (root / sub).mkdir()
-    from nnunet_ssl.phantom import make_phantom_dataset
-    make_phantom_dataset(root / "raw", TINY_DATASET_ID, "Tiny", num_train=4, num_test=1, shape=(24, 24, 24), seed=1)
+    phantom_workspace(root, TINY_DATASET_ID, "Tiny", num_train=4, num_test=1, shape=(24, 24, 24), seed=1)
     saved = {k: os.environ.get(k) for k in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results")}
     os.environ.update({k: v for k, v in clean_env(root).items() if k in saved})
     try:  # in-process: saves an interpreter start-up; the variables are restored right after

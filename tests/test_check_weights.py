@@ -4,7 +4,7 @@ import subprocess
 import pytest
 import torch
 
-from conftest import BIN, clean_env, run
+from conftest import BIN, clean_env, phantom_workspace, run
 from nnunet_ssl.nnunet.weights import compare_state_dicts, explain
 
 
@@ -26,12 +26,9 @@ def test_compare_and_explain_on_hand_built_networks():
 
 @pytest.mark.slow
 def test_fixed_planner_makes_datasets_exchange_weights(tmp_path):
-    from nnunet_ssl.phantom import make_phantom_dataset
-    for sub in ("raw", "preprocessed", "results"):
-        (tmp_path / sub).mkdir()
-    make_phantom_dataset(tmp_path / "raw", 995, "A", num_train=3, num_test=1, shape=(40, 40, 40), seed=1)
-    make_phantom_dataset(tmp_path / "raw", 996, "B", num_train=3, num_test=1, shape=(24, 48, 32),
-                         spacing=(2.0, 1.0, 1.0), seed=2)
+    phantom_workspace(tmp_path, 995, "A", num_train=3, num_test=1, shape=(40, 40, 40), seed=1)
+    phantom_workspace(tmp_path, 996, "B", num_train=3, num_test=1, shape=(24, 48, 32),
+                      spacing=(2.0, 1.0, 1.0), seed=2)
     env = clean_env(tmp_path)
     for d in (995, 996):
         for pl in ("nnUNetPlannerFixed", "nnUNetPlannerTiny"):

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import BIN, clean_env, run
+from conftest import BIN, clean_env, phantom_workspace, run
 
 pytestmark = pytest.mark.slow
 DATASET = 991
@@ -16,10 +16,7 @@ DATASET = 991
 @pytest.fixture(scope="module")
 def workspace(tmp_path_factory):
     root = tmp_path_factory.mktemp("e2e")
-    for sub in ("raw", "preprocessed", "results"):
-        (root / sub).mkdir()
-    from nnunet_ssl.phantom import make_phantom_dataset
-    make_phantom_dataset(root / "raw", DATASET, "E2E", num_train=8, num_test=2, shape=(32, 32, 32), seed=3)
+    phantom_workspace(root, DATASET, "E2E", num_train=8, num_test=2, shape=(32, 32, 32), seed=3)
     return root
 
 
@@ -145,11 +142,8 @@ def test_pretraining_resumes_after_a_crash(workspace):
 
 def test_2d_multichannel_pretraining_hands_off(tmp_path):
     """2d configuration, two input channels: pretraining runs and its weights load into the 2d segmentation net."""
-    from nnunet_ssl.phantom import make_phantom_dataset
-    for sub in ("raw", "preprocessed", "results"):
-        (tmp_path / sub).mkdir()
-    make_phantom_dataset(tmp_path / "raw", 992, "TwoChannel", num_train=4, num_test=1, shape=(16, 32, 32),
-                         num_channels=2, seed=5)
+    phantom_workspace(tmp_path, 992, "TwoChannel", num_train=4, num_test=1, shape=(16, 32, 32),
+                      num_channels=2, seed=5)
     env = clean_env(tmp_path)
     run([BIN / "nnunet-ssl", "plan", "-d", 992, "-pl", "nnUNetPlannerTiny", "-c", "2d"], env)
     run([BIN / "nnUNetv2_train", 992, "2d", "all", "-tr", "SpadePretrainTrainer_smoke", "-p", "nnUNetPlansTiny",

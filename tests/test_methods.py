@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import BIN, clean_env, run
+from conftest import BIN, clean_env, phantom_workspace, run
 
 pytestmark = pytest.mark.slow
 DATASET = 993
@@ -16,10 +16,7 @@ NAME = "Dataset993_Methods"
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     root = tmp_path_factory.mktemp("methods")
-    for sub in ("raw", "preprocessed", "results"):
-        (root / sub).mkdir()
-    from nnunet_ssl.phantom import make_phantom_dataset
-    make_phantom_dataset(root / "raw", DATASET, "Methods", num_train=6, num_test=1, shape=(32, 32, 32), seed=7)
+    phantom_workspace(root, DATASET, "Methods", num_train=6, num_test=1, shape=(32, 32, 32), seed=7)
     run([BIN / "nnunet-ssl", "plan", "-d", DATASET, "-pl", "nnUNetPlannerTiny", "-c", "3d_fullres", "2d"],
         clean_env(root))
     return root

@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import BIN, clean_env, run
+from conftest import BIN, clean_env, phantom_workspace, run
 from nnunet_ssl.core.composition import composition_affinity, grid_positions, label_composition
 from nnunet_ssl.core.loss import affinity_weighted_loss
 from nnunet_ssl.core.uafs import UAFSBlock
@@ -133,10 +133,7 @@ NAME = "Dataset994_PDCR"
 @pytest.fixture(scope="module")
 def pdcr_data(tmp_path_factory):
     root = tmp_path_factory.mktemp("pdcr")
-    for sub in ("raw", "preprocessed", "results"):
-        (root / sub).mkdir()
-    from nnunet_ssl.phantom import make_phantom_dataset
-    make_phantom_dataset(root / "raw", DATASET, "PDCR", num_train=6, num_test=2, shape=(32, 32, 32), seed=11)
+    phantom_workspace(root, DATASET, "PDCR", num_train=6, num_test=2, shape=(32, 32, 32), seed=11)
     env = clean_env(root)
     run([BIN / "nnunet-ssl", "plan", "-d", DATASET, "-pl", "nnUNetPlannerTiny"], env)
     run([BIN / "nnUNetv2_train", DATASET, "3d_fullres", "all", "-tr", "SpadePretrainTrainer_smoke", "-p",

@@ -5,7 +5,7 @@ import pytest
 import torch
 from dynamic_network_architectures.architectures.unet import PlainConvUNet
 
-from conftest import BIN, clean_env, run
+from conftest import BIN, clean_env, phantom_workspace, run
 from nnunet_ssl.probe import hypercolumns
 
 
@@ -43,10 +43,7 @@ def test_probe_scores_unlabelled_training_cases_never_the_labelled_ones():
 
 @pytest.mark.slow
 def test_probe_command_same_weights_as_reference_score_the_same(tmp_path):
-    from nnunet_ssl.phantom import make_phantom_dataset
-    for sub in ("raw", "preprocessed", "results"):
-        (tmp_path / sub).mkdir()
-    make_phantom_dataset(tmp_path / "raw", 994, "Probe", num_train=6, num_test=1, shape=(32, 32, 32), seed=2)
+    phantom_workspace(tmp_path, 994, "Probe", num_train=6, num_test=1, shape=(32, 32, 32), seed=2)
     env = clean_env(tmp_path)
     run([BIN / "nnunet-ssl", "plan", "-d", 994, "-pl", "nnUNetPlannerTiny", "-c", "3d_fullres"], env)
     pre = tmp_path / "preprocessed" / "Dataset994_Probe"

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 import torch
-from conftest import BIN, clean_env, run
+from conftest import BIN, clean_env, phantom_workspace, run
 
 DATASET = 994
 NAME = f"Dataset{DATASET}_Unlabeled"
@@ -76,11 +76,9 @@ def test_unplanned_dataset_is_refused(tmp_path):
 @pytest.fixture(scope="module")
 def workspace(tmp_path_factory):
     root = tmp_path_factory.mktemp("unlabeled")
-    for sub in ("raw", "preprocessed", "results"):
-        (root / sub).mkdir()
-    from nnunet_ssl.phantom import generate_case, make_phantom_dataset
-    make_phantom_dataset(root / "raw", DATASET, "Unlabeled", num_train=NUM_LABELLED, num_test=len(TEST_CASES),
-                         shape=(32, 32, 32), seed=4)
+    from nnunet_ssl.phantom import generate_case
+    phantom_workspace(root, DATASET, "Unlabeled", num_train=NUM_LABELLED, num_test=len(TEST_CASES),
+                      shape=(32, 32, 32), seed=4)
     run([BIN / "nnunet-ssl", "plan", "-d", DATASET, "-pl", "nnUNetPlannerTiny", "-c", "3d_fullres", "-np", 1],
         clean_env(root))
     extra = root / "image_only"
