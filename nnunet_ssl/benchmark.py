@@ -124,6 +124,43 @@ def iterations(trainer: str) -> int:
     return int(cls.num_epochs) * int(cls.num_iterations_per_epoch)
 
 
+def trainer_settings(trainer: str) -> Dict[str, str]:
+    """What a trainer declares as class attributes (its own and its bases' outside nnU-Net, which sets its own in
+    ``__init__``), as reprs: two runs of one trainer name are comparable only while these agree."""
+    if not trainer:
+        return {}
+    out: Dict[str, str] = {}
+    for klass in reversed(trainer_class(trainer).__mro__):
+        if klass.__module__.split(".")[0] in ("nnunetv2", "builtins"):
+            continue
+        out.update({k: repr(v) for k, v in vars(klass).items() if not k.startswith("_")
+                    and isinstance(v, (int, float, str, bool, tuple, dict, type(None)))})
+    return out
+
+
+# class attributes that change what is logged, plotted or saved when, never what is trained
+NOT_TRAINING_SETTINGS = frozenset({"benchmark_name", "logged_terms", "progress_plot_every", "save_every",
+                                   "host_only_batch_keys", "global_queue"})
+
+
+def changed_settings(recorded: Dict[str, str], now: Dict[str, str]) -> str:
+    """The training settings both records hold with different values, as 'name recorded -> now'. A setting added
+    since the record keeps the behaviour the record ran with (a new option's default is off), so it is no change."""
+    return ", ".join(f"{k} {recorded[k]} -> {now[k]}" for k in sorted(set(recorded) & set(now) - NOT_TRAINING_SETTINGS)
+                     if recorded[k] != now[k])
+
+
+def check_reused_pretraining(checkpoint: Path, trainer: str) -> None:
+    """A pretraining kept in the work dir must come from the trainer as it is declared now (a changed default,
+    e.g. a queue switched on, would otherwise hand over a checkpoint of the old method under the same name)."""
+    import torch
+    recorded = torch.load(checkpoint, map_location="cpu", weights_only=False).get("ssl_method") or {}
+    changed = changed_settings({k: v for k, v in recorded.items() if k != "trainer"}, trainer_settings(trainer))
+    if changed:
+        raise SystemExit(f"{checkpoint} was pretrained by {trainer} with other settings than it declares now "
+                         f"({changed}): delete {checkpoint.parent} to pretrain again, or use another --work-dir")
+
+
 def pretrain_trainer_of(method: str, budget: Budget, overrides: Optional[Dict[str, str]] = None) -> str:
     """The method's pretraining trainer: an override (``--pretrain-trainer M=T``) or its base name + budget suffix."""
     if not METHODS[method]:
@@ -490,6 +527,12 @@ def run_benchmark(s: Settings) -> List[dict]:
                 if had is not None and had != now:
                     raise SystemExit(f"{cell_file} {done} {had} iterations, {trainer} now runs {now}: move the cell "
                                      f"away or use another --cells-dir")
+            # same names and lengths, other settings (cells from before this record carry none)
+            for key, trainer in zip(("pretrain_settings", "finetune_settings"), want):
+                changed = changed_settings(row.get(key) or {}, trainer_settings(trainer))
+                if changed:
+                    raise SystemExit(f"{cell_file} was scored with {trainer} declaring other settings than now "
+                                     f"({changed}): move the cell away or use another --cells-dir")
             _log(f"{label}: done before (mean Dice {row['mean_dice']:.4f})")
             return row
         times = {"pretrain_s": 0.0, "finetune_s": 0.0, "predict_s": 0.0}
@@ -501,7 +544,9 @@ def run_benchmark(s: Settings) -> List[dict]:
             weights = pre_out / "checkpoint_final.pth"
             times_file = pre_out.parent / "pretrain_time.json"
             with pretrain_locks[method]:  # one pretraining per method, however many cells wait for it
-                if not weights.exists():
+                if weights.exists():
+                    check_reused_pretraining(weights, pre_trainer)
+                else:
                     _log(f"{label}: pretraining {pre_trainer} on {len(pool)} pool images")
                     took = pipeline.train(dataset_id, s.configuration, 0, pre_trainer, budget.plans,
                                           env(pre_results), work / "logs" / tag / f"pretrain_{method}.log",
@@ -523,13 +568,20 @@ def run_benchmark(s: Settings) -> List[dict]:
         fold = fold_of(work, seed, k)
         ft_out = results / ds_name / f"{ft_trainer}__{budget.plans}__{s.configuration}" / f"fold_{fold}"
         ft_time_file = ft_out / "finetune_time.json"
-        if not (ft_out / "checkpoint_final.pth").exists():
+        ft_settings = trainer_settings(ft_trainer)
+        if (ft_out / "checkpoint_final.pth").exists():  # a kept fine-tuning: from the trainer as declared now?
+            kept = json.loads(ft_time_file.read_text()).get("settings", {}) if ft_time_file.exists() else {}
+            changed = changed_settings(kept, ft_settings)
+            if changed:
+                raise SystemExit(f"{ft_out} was fine-tuned by {ft_trainer} with other settings than it declares "
+                                 f"now ({changed}): delete that folder to fine-tune again, or use another --work-dir")
+        else:
             _log(f"{label}: fine-tuning {ft_trainer} on {k} labelled cases"
                  + (f" from {pre_trainer}" if weights else " from scratch"))
             took = pipeline.train(dataset_id, s.configuration, fold, ft_trainer, budget.plans, ft_env,
                                   work / "logs" / tag / f"ft_{name}_k{k}_s{seed}.log", f"{name} k={k} s={seed}",
                                   s.device, weights, output_folder=ft_out)
-            _atomic_json(ft_time_file, {"finetune_s": round(took, 1)})
+            _atomic_json(ft_time_file, {"finetune_s": round(took, 1), "settings": ft_settings})
         # wall time of the (last) fine-tuning invocation; 0 where a run from before this record was reused
         times["finetune_s"] = json.loads(ft_time_file.read_text())["finetune_s"] if ft_time_file.exists() else 0.0
         pred = work / "predictions" / tag / f"{name}_k{k}_s{seed}"
@@ -551,6 +603,7 @@ def run_benchmark(s: Settings) -> List[dict]:
                "num_test": scores["num_cases"], "mean_dice": scores["mean"], "per_case": scores["per_case"],
                **{f"dice_{c}": d for c, d in scores["per_class"].items()}, **times}
         row["total_iterations"] = row["pretrain_iterations"] + row["finetune_iterations"]
+        row.update(pretrain_settings=trainer_settings(pre_trainer), finetune_settings=ft_settings)
         _atomic_json(cell_file, row)
         _log(f"{label}: mean Dice {row['mean_dice']:.4f}  ({time.time() - t_start:.0f} s elapsed)")
         with report_lock:

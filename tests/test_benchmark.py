@@ -236,6 +236,29 @@ def test_unknown_method_and_dataset_fail_clearly(tmp_path):
 
 
 @pytest.mark.slow
+def test_changed_trainer_settings_are_named_and_a_stale_pretraining_is_refused(tmp_path, monkeypatch):
+    import torch
+    monkeypatch.setenv("nnUNet_extTrainer", str(bm.INVESTIGATION_TRAINERS))
+    plain, moco = bm.trainer_settings("SpadePretrainTrainer_cpu"), bm.trainer_settings("SpadePretrainTrainer_cpu_moco")
+    assert plain["global_queue_size"] == "0" and plain["r_neg"] == "0.3" and plain["num_epochs"] == "40"
+    assert bm.changed_settings(plain, moco) == \
+        "global_queue_size 0 -> 256, momentum 0.999 -> 0.99, use_momentum_encoder False -> True"
+    # a setting added since a record was written keeps the behaviour the record ran with; logging is no setting
+    assert bm.changed_settings({k: v for k, v in plain.items() if k != "r_neg"}, plain) == ""
+    assert bm.changed_settings({**plain, "logged_terms": "('global',)"}, plain) == ""
+    assert bm.trainer_settings("nnUNetTrainerFinetune_cpu_120ep_lr3e3")["initial_lr"] == "0.003"
+
+    # a pretraining kept in a work dir is checked against the trainer's settings recorded in its checkpoint
+    # (ssl_method: the engine's method_hyperparameters, same reprs)
+    ckpt = tmp_path / "checkpoint_final.pth"
+    torch.save({"ssl_method": {"trainer": "SpadePretrainTrainer_cpu", **plain}}, ckpt)
+    bm.check_reused_pretraining(ckpt, "SpadePretrainTrainer_cpu")
+    monkeypatch.setattr(bm.trainer_class("SpadePretrainTrainer_cpu"), "global_queue_size", 64)  # a new default
+    with pytest.raises(SystemExit, match=r"with other settings than it declares now \(global_queue_size 0 -> 64\): "
+                                         r"delete .* to pretrain again"):
+        bm.check_reused_pretraining(ckpt, "SpadePretrainTrainer_cpu")
+
+
 def test_benchmark_end_to_end_and_resume(phantom_raw, tmp_path):
     """Smoke scale, scratch vs spade, scored on the dataset's imagesTs through --test-raw; a rerun recomputes
     nothing but a lost cell's prediction and score, redone from the kept fine-tuned model."""
@@ -261,6 +284,8 @@ def test_benchmark_end_to_end_and_resume(phantom_raw, tmp_path):
     assert cells["scratch"]["train_s"] > 0 and cells["stock"]["finetune_trainer"] == "nnUNetTrainerWallClock"
     assert cells["stock"]["finetune_iterations"] % 25 == 0 and cells["stock"]["train_s"] >= cells["scratch"]["train_s"]
     assert cells["spade"]["finetune_trainer"] == "nnUNetTrainerPretrainedFinetune_smoke"
+    assert cells["spade"]["pretrain_settings"] == bm.trainer_settings("SpadePretrainTrainer_smoke")
+    assert cells["scratch"]["finetune_settings"]["num_epochs"] == "2" and cells["scratch"]["pretrain_settings"] == {}
     # --jobs 2: every training ran on its share of the cores (nnU-Net would take them all)
     share = max(1, (os.cpu_count() or 1) // 2)
     for log in ("ft_scratch_k3_s0.log", "ft_stock_k3_s0.log", "ft_spade_k3_s0.log", "pretrain_spade.log"):
@@ -295,6 +320,19 @@ def test_benchmark_end_to_end_and_resume(phantom_raw, tmp_path):
     res = subprocess.run([str(c) for c in cmd], env=env, capture_output=True, text=True, timeout=600)
     assert res.returncode != 0 and "pretrained 999 iterations" in res.stderr
     lost.write_text(json.dumps(spade_kept))
+    # same trainers and lengths, but a setting changed since the cell was scored
+    scratch_cell.write_text(json.dumps({**kept, "finetune_settings": {**kept["finetune_settings"],
+                                                                      "initial_lr": "0.5"}}))
+    res = subprocess.run([str(c) for c in cmd], env=env, capture_output=True, text=True, timeout=600)
+    assert res.returncode != 0 and "declaring other settings than now (initial_lr 0.5 -> 0.01)" in res.stderr
+    # ... and a kept fine-tuned model whose trainer changed since is not scored again under the new settings
+    scratch_cell.unlink()
+    time_file = next(work.glob("results/*/scratch/*/nnUNetTrainerFinetune_smoke__*/fold_*/finetune_time.json"))
+    timing = json.loads(time_file.read_text())
+    time_file.write_text(json.dumps({**timing, "settings": {**timing["settings"], "num_epochs": "7"}}))
+    res = subprocess.run([str(c) for c in cmd], env=env, capture_output=True, text=True, timeout=600)
+    assert res.returncode != 0 and "with other settings than it declares now (num_epochs 7 -> 2)" in res.stderr
+    time_file.write_text(json.dumps(timing))
     scratch_cell.write_text(json.dumps({**kept, "split_id": "0123456789ab"}))
     res = subprocess.run([str(c) for c in cmd], env=env, capture_output=True, text=True, timeout=600)
     assert res.returncode != 0 and "scored on another pool/test split" in res.stderr
