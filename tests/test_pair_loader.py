@@ -242,3 +242,22 @@ def test_neighbour_crops_layout_and_overlap(coord_dataset):
     err = _truth_vs_reported(batch, tr.plans_manager.transpose_forward,
                              torch.cat([_shapes_before({"keys": batch["keys"]}, tr)] * 2))
     assert err.max() < 1.0
+
+
+def _threads_inside_loader_limit(_=None):
+    from threadpoolctl import threadpool_info
+
+    from nnunet_ssl.nnunet.pair_loader import loader_thread_limit
+    with loader_thread_limit():
+        return max(i["num_threads"] for i in threadpool_info())
+
+
+def test_loading_in_the_training_process_keeps_its_threads_a_worker_gets_one():
+    from threadpoolctl import threadpool_info
+    outside = max(i["num_threads"] for i in threadpool_info())
+    # in the training process (nnUNet_n_proc_DA=0) the batch is built with the training's threads, idle meanwhile
+    assert _threads_inside_loader_limit() == outside
+    # a background loader process shares the cores with the others: one thread each, as in nnU-Net's loader
+    import multiprocessing
+    with multiprocessing.get_context("spawn").Pool(1) as pool:
+        assert pool.apply(_threads_inside_loader_limit) == 1

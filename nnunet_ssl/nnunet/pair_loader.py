@@ -11,6 +11,8 @@ range); they follow as blocks of B rows, each a crop of its own (``sample_index`
 """
 from __future__ import annotations
 
+import multiprocessing
+from contextlib import nullcontext
 from typing import Sequence, Tuple
 
 import numpy as np
@@ -41,6 +43,14 @@ def frame_from_properties(properties: dict, preprocessed_shape: Sequence[int], t
 def box_overlap(shift: np.ndarray, size: np.ndarray) -> np.ndarray:
     """Fraction of voxels two equal boxes of ``size`` share when offset by ``shift`` (..., dim)."""
     return np.prod(np.clip(size - np.abs(shift), 0, None) / size, axis=-1)
+
+
+def loader_thread_limit():
+    """One thread per background loader process (nnU-Net's rule: the workers share the cores); loading in the
+    training process (nnUNet_n_proc_DA=0, the CPU default) uses the training's threads, which are idle meanwhile
+    (Spade's CPU-budget batch: 23-33 against 36-41 ms with the limit, BENCHMARKS.md)."""
+    return threadpool_limits(limits=1, user_api=None) if multiprocessing.parent_process() is not None \
+        else nullcontext()
 
 
 class TwoViewDataLoader(nnUNetDataLoader):
@@ -150,7 +160,7 @@ class TwoViewDataLoader(nnUNetDataLoader):
         fs = np.asarray(self.final_patch_size)
         spatial_axes = [0, 1, 2] if not self.patch_size_was_2d else [1, 2]  # volume axes the patch spans
 
-        with torch.no_grad(), threadpool_limits(limits=1, user_api=None):
+        with torch.no_grad(), loader_thread_limit():
             for j, key in enumerate(keys):
                 data, _seg, _prev, properties = self._data.load_case(key)
                 shape = data.shape[1:]
