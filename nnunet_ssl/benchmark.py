@@ -48,7 +48,8 @@ def _methods() -> Dict[str, Optional[str]]:
 METHODS = _methods()
 PRECISIONS = ("auto", "fp32", "bf16")
 # the headline protocol: paired comparisons at k = 2, 5, 10 over 5 seeds
-DEFAULT_METHODS = ("scratch", "scratch_long", "stock", "simclr", "recon", "spade", "spade_soft", "spade_recon")
+DEFAULT_METHODS = ("scratch", "scratch_long", "stock", "simclr", "recon", "spade", "spade_queue", "spade_soft",
+                   "spade_recon")
 DEFAULT_LABELED = (2, 5, 10)
 DEFAULT_SEEDS = (0, 1, 2, 3, 4)
 

@@ -89,17 +89,18 @@ def test_drasclr_checkpoint_restores_queue_and_momentum_encoder(tiny):
     assert tr.current_epoch == 2
 
 
-def test_spade_global_queue_fills_and_is_restored(tiny):
-    from pathlib import Path
-    trainer = "SpadePretrainTrainer_queuetest"  # tests/ext_trainers: queue of 16 momentum-encoder keys
+def test_spade_queue_fills_hands_off_and_is_restored(tiny):
+    import os
+    trainer = "SpadeQueuePretrainTrainer_smoke"  # queue of 256 momentum-encoder keys
     run([BIN / "nnUNetv2_train", DATASET, "3d_fullres", "all", "-tr", trainer, "-p", "nnUNetPlansTiny", "-device",
-         "cpu"], clean_env(tiny, nnUNet_extTrainer=Path(__file__).parent / "ext_trainers"))
+         "cpu"], clean_env(tiny))
     ckpt_file = tiny / "results" / NAME / f"{trainer}__nnUNetPlansTiny__3d_fullres" / "fold_all" / \
         "checkpoint_final.pth"
+    _load_into_stock_net(tiny, ckpt_file, "3d_fullres")
     ckpt = torch.load(ckpt_file, map_location="cpu", weights_only=False)
     queue = ckpt["ssl_extra_state"]["global_queue"]
     written = int(queue["filled"].sum())
-    assert written > 0, "training must have filled the queue"
+    assert written == 16, "each of the 2 x 2 training steps enqueues its 2 cases x 2 views (validation steps none)"
     # the queued keys are unit momentum-encoder embeddings at canonical crop centres
     keys = queue["keys"][queue["filled"]]
     assert torch.allclose(keys.norm(dim=1), torch.ones(written), atol=1e-2)  # bf16 autocast where the CPU has it
@@ -108,28 +109,23 @@ def test_spade_global_queue_fills_and_is_restored(tiny):
     log = ckpt["logging"]
     assert all(np.isfinite(log["train_global"]))
 
-    import importlib.util
-    import os
-    spec = importlib.util.spec_from_file_location("queue_trainers", Path(__file__).parent / "ext_trainers" /
-                                                  "queue_trainers.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
+    from nnunet_ssl.trainers import SpadeQueuePretrainTrainer_smoke
     pre = tiny / "preprocessed" / NAME
     plans = json.loads((pre / "nnUNetPlansTiny.json").read_text())
     plans["continue_training"] = True
     os.environ.update(clean_env(tiny))
-    tr = mod.SpadePretrainTrainer_queuetest(plans, "3d_fullres", "all", json.loads((pre / "dataset.json").read_text()),
-                                            device=torch.device("cpu"))
+    tr = SpadeQueuePretrainTrainer_smoke(plans, "3d_fullres", "all", json.loads((pre / "dataset.json").read_text()),
+                                         device=torch.device("cpu"))
     tr.load_checkpoint(str(ckpt_file))
     for k, v in queue.items():
         assert torch.equal(tr.global_queue.state_dict()[k].cpu(), v), k
-    # a checkpoint without the queue (say, written without global_queue_size) is refused with the reason, and
-    # nothing is loaded from it: neither its network weights nor the momentum encoder it does hold
+    # a checkpoint without the queue (say, Spade's, which keeps none) is refused with the reason, and nothing is
+    # loaded from it: neither its network weights nor the momentum encoder it does hold
     stripped = {**ckpt, "network_weights": {k: torch.zeros_like(v) for k, v in ckpt["network_weights"].items()},
                 "ssl_extra_state": {"key_model": {k: torch.zeros_like(v)
                                                   for k, v in ckpt["ssl_extra_state"]["key_model"].items()}}}
     before = {k: v.clone() for k, v in tr.network.state_dict().items()}
-    with pytest.raises(ValueError, match="no 'global_queue' state although SpadePretrainTrainer_queuetest keeps it"):
+    with pytest.raises(ValueError, match="no 'global_queue' state although SpadeQueuePretrainTrainer_smoke keeps it"):
         tr.load_checkpoint(stripped)
     for k, v in tr.network.state_dict().items():
         assert torch.equal(v, before[k]), k

@@ -168,7 +168,8 @@ class SpadePretrainTrainer_cpu_queue(SpadePretrainTrainer_cpu):
 
 
 class SpadePretrainTrainer_cpu_moco(SpadePretrainTrainer_cpu):
-    """Global queue of the last 256 keys of a momentum encoder (momentum 0.99 for the 1000-step CPU budget)."""
+    """Global queue of the last 256 keys of a momentum encoder (momentum 0.99 for the 1000-step CPU budget); the
+    settings of the library's SpadeQueuePretrainTrainer_cpu, which it became."""
     global_queue_size = 256
     use_momentum_encoder = True
     momentum = 0.99
