@@ -1,10 +1,10 @@
 """DDP gather + loss path with 2 CPU processes (gloo, spawn): a gathered step on two ranks gives the loss, the
-gradients, the updated weights and (DrasCLR) the queue of one process holding the whole batch.
+gradients, the updated weights and (DrasCLR, Spade with the queue) the queues of one process holding the whole batch.
 
 nnU-Net runs DDP only on CUDA (its trainer __init__ moves DDP runs to cuda:<rank>), so the pieces are driven
 directly on bare trainer instances: the engine's ``_step`` (gather, shared sampling seed, loss scaled by the world
-size, clipping, SGD step) with tiny stand-in networks under a real DDP wrapper, Spade's two objectives, DrasCLR's
-compute_loss with its queue and momentum encoder, and PDCR's synchronisation of its projection heads."""
+size, clipping, SGD step) with tiny stand-in networks under a real DDP wrapper, Spade's two objectives, Spade's
+global queue of momentum-encoder keys, DrasCLR's compute_loss with its queue and momentum encoder, and PDCR's synchronisation of its projection heads."""
 import copy
 import os
 import warnings
@@ -183,6 +183,18 @@ def spade_trainer(model: nn.Module, is_ddp: bool):
     return trainer
 
 
+def spade_queue_trainer(model: nn.Module, is_ddp: bool):
+    from nnunet_ssl.core.queue import PositionedQueue
+    from nnunet_ssl.trainers.spade import SpadeQueuePretrainTrainer
+    trainer = bare_trainer(SpadeQueuePretrainTrainer, model, is_ddp)
+    trainer.local_samples = 16
+    trainer.decoder_grid = lambda: ((STRIDE,) * 3, (0.0,) * 3)
+    trainer.key_model = copy.deepcopy(model.module if is_ddp else model).requires_grad_(False)
+    trainer.momentum = 0.9   # the key encoder visibly moves in two steps
+    trainer.global_queue = PositionedQueue(8, 8)   # 2 steps x 6 crops: the second step wraps around
+    return trainer
+
+
 def drasclr_trainer(model: nn.Module, is_ddp: bool):
     from nnunet_ssl.trainers.drasclr import DrasCLRPretrainTrainer
     trainer = bare_trainer(DrasCLRPretrainTrainer, model, is_ddp)
@@ -239,6 +251,17 @@ def _engine_spade_rank(rank: int) -> dict:
     return {"out": out, "seed": trainer.step_generator.initial_seed(), "weights": weights(trainer.model.module)}
 
 
+def _engine_spade_queue_rank(rank: int) -> dict:
+    trainer = spade_queue_trainer(DDP(TinySpadeModel()), is_ddp=True)
+    torch.manual_seed(1000 + rank)   # unseeded ranks: their random streams differ
+    steps = []
+    for step in range(2):
+        out = trainer._step(local_part(spade_batch()[0], SPADE_CASES, rank, 2), train=True)
+        steps.append({"out": out, "queue": queue_state(trainer.global_queue),
+                      "seed": trainer.step_generator.initial_seed()})   # drawn anew each step, shared by the ranks
+    return {"steps": steps, "weights": weights(trainer.model.module), "key_weights": weights(trainer.key_model)}
+
+
 def _drasclr_rank(rank: int) -> dict:
     trainer = drasclr_trainer(DDP(TinyDrasModel()), is_ddp=True)
     steps = []
@@ -271,6 +294,7 @@ def _worker(rank: int, init_file: str, out_dir: str):
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
     try:
         result = {"spade": _spade_rank(rank), "engine_spade": _engine_spade_rank(rank),
+                  "engine_spade_queue": _engine_spade_queue_rank(rank),
                   "drasclr": _drasclr_rank(rank), "pdcr": _pdcr_rank(rank), "uneven": _gather_uneven_rank(rank)}
         path = os.path.join(out_dir, f"rank{rank}.pt")
         torch.save(result, path + ".tmp")
@@ -357,6 +381,39 @@ def test_engine_step_spade_updates_weights_as_one_process(ranks):
             # after an SGD step (lr x a gradient summed in another order by gloo's all-reduce, and by however many
             # intra-op threads earlier tests in this process left set) float32 agrees to ~1e-5 relative
             torch.testing.assert_close(r["weights"][name], w, rtol=1e-4, atol=1e-5)
+
+
+def test_engine_steps_spade_queue_match_one_process(ranks):
+    """SpadeQueuePretrainTrainer under DDP: the momentum encoder's keys of the gathered batch enter the same global
+    queue on every rank, in the single-process order, and the losses, weights and key weights follow one process."""
+    trainer = spade_queue_trainer(TinySpadeModel(), is_ddp=False)
+    reference = []
+    for step in range(2):
+        seeds = {r["engine_spade_queue"]["steps"][step]["seed"] for r in ranks}
+        assert len(seeds) == 1
+        trainer.step_generator = torch.Generator().manual_seed(seeds.pop())
+        out = trainer._step(spade_batch()[0], train=True)
+        reference.append({"out": out, "queue": queue_state(trainer.global_queue)})
+    assert reference[-1]["queue"]["filled"].all()   # 12 keys through 8 slots
+    # the second step contrasts against the first step's queued keys as well
+    assert reference[1]["out"]["mean_neg_global"] > reference[0]["out"]["mean_neg_global"]
+    for step, ref in enumerate(reference):
+        states = [r["engine_spade_queue"]["steps"][step] for r in ranks]
+        for key in ref["queue"]:   # every rank enqueued the same gathered keys
+            assert torch.equal(states[0]["queue"][key], states[1]["queue"][key]), key
+        for s in states:
+            for key, value in ref["queue"].items():
+                if value.is_floating_point():
+                    torch.testing.assert_close(s["queue"][key], value, rtol=1e-4, atol=1e-5)
+                else:
+                    assert torch.equal(s["queue"][key], value), key
+            for term, value in ref["out"].items():
+                _close(torch.as_tensor(s["out"][term]), torch.as_tensor(value))
+    for result in ranks:
+        for name, w in weights(trainer.model).items():
+            torch.testing.assert_close(result["engine_spade_queue"]["weights"][name], w, rtol=1e-4, atol=1e-5)
+        for name, w in weights(trainer.key_model).items():
+            torch.testing.assert_close(result["engine_spade_queue"]["key_weights"][name], w, rtol=1e-4, atol=1e-5)
 
 
 def test_drasclr_steps_losses_queues_and_weights_match_one_process(ranks):
