@@ -1,10 +1,12 @@
 """DDP gather + loss path with 2 CPU processes (gloo, spawn): a gathered step on two ranks gives the loss, the
-gradients, the updated weights and (DrasCLR, Spade with the queue) the queues of one process holding the whole batch.
+gradients, the updated weights and (DrasCLR, Spade with the queue) the queues of one process holding the whole
+batch.
 
 nnU-Net runs DDP only on CUDA (its trainer __init__ moves DDP runs to cuda:<rank>), so the pieces are driven
 directly on bare trainer instances: the engine's ``_step`` (gather, shared sampling seed, loss scaled by the world
 size, clipping, SGD step) with tiny stand-in networks under a real DDP wrapper, Spade's two objectives, Spade's
-global queue of momentum-encoder keys, DrasCLR's compute_loss with its queue and momentum encoder, and PDCR's synchronisation of its projection heads."""
+global queue of momentum-encoder keys, DrasCLR's compute_loss with its queue and momentum encoder, and PDCR's
+synchronisation of its projection heads."""
 import copy
 import os
 import warnings
