@@ -28,6 +28,7 @@ import statistics
 import sys
 import threading
 import time
+import uuid
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
@@ -139,9 +140,12 @@ def trainer_settings(trainer: str) -> Dict[str, str]:
     return out
 
 
-# class attributes that change what is logged, plotted or saved when, never what is trained
+# class attributes that change what is logged, plotted or saved when, or how a step is computed with the same
+# numbers (memory layout, compilation: tests/test_cpu_fast.py), never what is trained; and instance slots that
+# classes declare as None
 NOT_TRAINING_SETTINGS = frozenset({"benchmark_name", "logged_terms", "progress_plot_every", "save_every",
-                                   "host_only_batch_keys", "global_queue"})
+                                   "host_only_batch_keys", "cpu_channels_last", "cpu_compile",
+                                   "global_queue", "queue", "step_generator"})
 
 
 def changed_settings(recorded: Dict[str, str], now: Dict[str, str]) -> str:
@@ -151,12 +155,17 @@ def changed_settings(recorded: Dict[str, str], now: Dict[str, str]) -> str:
                      if recorded[k] != now[k])
 
 
-def check_reused_pretraining(checkpoint: Path, trainer: str) -> None:
+def check_reused_pretraining(checkpoint: Path, trainer: str, record: dict) -> None:
     """A pretraining kept in the work dir must come from the trainer as it is declared now (a changed default,
-    e.g. a queue switched on, would otherwise hand over a checkpoint of the old method under the same name)."""
-    import torch
-    recorded = torch.load(checkpoint, map_location="cpu", weights_only=False).get("ssl_method") or {}
-    changed = changed_settings({k: v for k, v in recorded.items() if k != "trainer"}, trainer_settings(trainer))
+    e.g. a queue switched on, would otherwise hand over a checkpoint of the old method under the same name).
+    ``record``: its pretrain_time.json, whose "settings" are the trainer's at pretraining time; a run from before
+    that record is checked against the ``ssl_method`` of its checkpoint (the engine's and budget's settings)."""
+    recorded = record.get("settings")
+    if recorded is None:
+        import torch
+        recorded = {k: v for k, v in (torch.load(checkpoint, map_location="cpu", weights_only=False)
+                                      .get("ssl_method") or {}).items() if k != "trainer"}
+    changed = changed_settings(recorded, trainer_settings(trainer))
     if changed:
         raise SystemExit(f"{checkpoint} was pretrained by {trainer} with other settings than it declares now "
                          f"({changed}): delete {checkpoint.parent} to pretrain again, or use another --work-dir")
@@ -537,7 +546,7 @@ def run_benchmark(s: Settings) -> List[dict]:
             _log(f"{label}: done before (mean Dice {row['mean_dice']:.4f})")
             return row
         times = {"pretrain_s": 0.0, "finetune_s": 0.0, "predict_s": 0.0}
-        weights, pre_trainer = None, ""
+        weights, pre_trainer, pre_record = None, "", {}
         if METHODS[method]:
             pre_trainer = pretrain_trainer_of(method, budget, overrides)
             pre_results = work / "results" / tag / "pretrain"
@@ -546,14 +555,19 @@ def run_benchmark(s: Settings) -> List[dict]:
             times_file = pre_out.parent / "pretrain_time.json"
             with pretrain_locks[method]:  # one pretraining per method, however many cells wait for it
                 if weights.exists():
-                    check_reused_pretraining(weights, pre_trainer)
+                    check_reused_pretraining(weights, pre_trainer,
+                                             json.loads(times_file.read_text()) if times_file.exists() else {})
                 else:
                     _log(f"{label}: pretraining {pre_trainer} on {len(pool)} pool images")
                     took = pipeline.train(dataset_id, s.configuration, 0, pre_trainer, budget.plans,
                                           env(pre_results), work / "logs" / tag / f"pretrain_{method}.log",
                                           f"pretrain {method}", s.device, output_folder=pre_out)
-                    _atomic_json(times_file, {"pretrain_s": round(took, 1)})
-            times["pretrain_s"] = json.loads(times_file.read_text())["pretrain_s"] if times_file.exists() else 0.0
+                    # run: an id of this pretraining, which its fine-tunings record (a pretraining done again after
+                    # a refusal must not hand its name to fine-tunings of the old one)
+                    _atomic_json(times_file, {"pretrain_s": round(took, 1), "settings": trainer_settings(pre_trainer),
+                                              "run": uuid.uuid4().hex})
+            pre_record = json.loads(times_file.read_text()) if times_file.exists() else {}
+            times["pretrain_s"] = pre_record.get("pretrain_s", 0.0)
         ft_trainer = finetune_trainer_of(method, budget, s.finetune_trainer, s.pretrained_finetune_trainer)
         results = work / "results" / tag / name
         ft_env = env(results)
@@ -570,19 +584,24 @@ def run_benchmark(s: Settings) -> List[dict]:
         ft_out = results / ds_name / f"{ft_trainer}__{budget.plans}__{s.configuration}" / f"fold_{fold}"
         ft_time_file = ft_out / "finetune_time.json"
         ft_settings = trainer_settings(ft_trainer)
-        if (ft_out / "checkpoint_final.pth").exists():  # a kept fine-tuning: from the trainer as declared now?
-            kept = json.loads(ft_time_file.read_text()).get("settings", {}) if ft_time_file.exists() else {}
-            changed = changed_settings(kept, ft_settings)
+        pretrained_from = pre_record.get("run") if weights else None
+        if (ft_out / "checkpoint_final.pth").exists():  # a kept fine-tuning: of the trainer as declared now, from
+            kept = json.loads(ft_time_file.read_text()) if ft_time_file.exists() else {}  # this pretraining?
+            changed = changed_settings(kept.get("settings", {}), ft_settings)
             if changed:
                 raise SystemExit(f"{ft_out} was fine-tuned by {ft_trainer} with other settings than it declares "
                                  f"now ({changed}): delete that folder to fine-tune again, or use another --work-dir")
+            if kept.get("pretrained_from") and kept["pretrained_from"] != pretrained_from:
+                raise SystemExit(f"{ft_out} was fine-tuned from an earlier pretraining of {pre_trainer} than the one in "
+                                 f"{weights.parent}: delete that folder to fine-tune again, or use another --work-dir")
         else:
             _log(f"{label}: fine-tuning {ft_trainer} on {k} labelled cases"
                  + (f" from {pre_trainer}" if weights else " from scratch"))
             took = pipeline.train(dataset_id, s.configuration, fold, ft_trainer, budget.plans, ft_env,
                                   work / "logs" / tag / f"ft_{name}_k{k}_s{seed}.log", f"{name} k={k} s={seed}",
                                   s.device, weights, output_folder=ft_out)
-            _atomic_json(ft_time_file, {"finetune_s": round(took, 1), "settings": ft_settings})
+            _atomic_json(ft_time_file, {"finetune_s": round(took, 1), "settings": ft_settings,
+                                        "pretrained_from": pretrained_from})
         # wall time of the (last) fine-tuning invocation; 0 where a run from before this record was reused
         times["finetune_s"] = json.loads(ft_time_file.read_text())["finetune_s"] if ft_time_file.exists() else 0.0
         pred = work / "predictions" / tag / f"{name}_k{k}_s{seed}"

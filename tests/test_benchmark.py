@@ -235,7 +235,6 @@ def test_unknown_method_and_dataset_fail_clearly(tmp_path):
     assert res.returncode != 0 and "dataset 123 not found" in res.stderr
 
 
-@pytest.mark.slow
 def test_changed_trainer_settings_are_named_and_a_stale_pretraining_is_refused(tmp_path, monkeypatch):
     import torch
     monkeypatch.setenv("nnUNet_extTrainer", str(bm.INVESTIGATION_TRAINERS))
@@ -248,17 +247,25 @@ def test_changed_trainer_settings_are_named_and_a_stale_pretraining_is_refused(t
     assert bm.changed_settings({**plain, "logged_terms": "('global',)"}, plain) == ""
     assert bm.trainer_settings("nnUNetTrainerFinetune_cpu_120ep_lr3e3")["initial_lr"] == "0.003"
 
-    # a pretraining kept in a work dir is checked against the trainer's settings recorded in its checkpoint
-    # (ssl_method: the engine's method_hyperparameters, same reprs)
+    # a pretraining kept in a work dir is checked against the settings its pretrain_time.json records, or, for a
+    # run from before that record, against the ssl_method of its checkpoint (engine and budget settings, same reprs)
     ckpt = tmp_path / "checkpoint_final.pth"
     torch.save({"ssl_method": {"trainer": "SpadePretrainTrainer_cpu", **plain}}, ckpt)
-    bm.check_reused_pretraining(ckpt, "SpadePretrainTrainer_cpu")
+    for record in ({"settings": plain}, {}):
+        bm.check_reused_pretraining(ckpt, "SpadePretrainTrainer_cpu", record)
     monkeypatch.setattr(bm.trainer_class("SpadePretrainTrainer_cpu"), "global_queue_size", 64)  # a new default
-    with pytest.raises(SystemExit, match=r"with other settings than it declares now \(global_queue_size 0 -> 64\): "
-                                         r"delete .* to pretrain again"):
-        bm.check_reused_pretraining(ckpt, "SpadePretrainTrainer_cpu")
+    for record in ({"settings": plain}, {}):
+        with pytest.raises(SystemExit, match=r"with other settings than it declares now \(global_queue_size 0 -> 64\)"
+                                             r": delete .* to pretrain again"):
+            bm.check_reused_pretraining(ckpt, "SpadePretrainTrainer_cpu", record)
+    # the record covers what ssl_method leaves out: settings of mixins outside the engine, e.g. the masking
+    recon = bm.trainer_settings("MaskedReconPretrainTrainer_cpu")
+    torch.save({"ssl_method": {"trainer": "MaskedReconPretrainTrainer_cpu"}}, ckpt)
+    with pytest.raises(SystemExit, match=r"\(mask_ratio 0.3 -> 0.6\)"):
+        bm.check_reused_pretraining(ckpt, "MaskedReconPretrainTrainer_cpu", {"settings": {**recon, "mask_ratio": "0.3"}})
 
 
+@pytest.mark.slow
 def test_benchmark_end_to_end_and_resume(phantom_raw, tmp_path):
     """Smoke scale, scratch vs spade, scored on the dataset's imagesTs through --test-raw; a rerun recomputes
     nothing but a lost cell's prediction and score, redone from the kept fine-tuned model."""
@@ -333,6 +340,18 @@ def test_benchmark_end_to_end_and_resume(phantom_raw, tmp_path):
     res = subprocess.run([str(c) for c in cmd], env=env, capture_output=True, text=True, timeout=600)
     assert res.returncode != 0 and "with other settings than it declares now (num_epochs 7 -> 2)" in res.stderr
     time_file.write_text(json.dumps(timing))
+    # a kept fine-tuning of an earlier pretraining (the method was pretrained again since) is not scored as one of
+    # the new pretraining
+    lost.unlink()
+    pre_record = next(work.glob("results/*/pretrain/*/SpadePretrainTrainer_smoke__*/pretrain_time.json"))
+    record = json.loads(pre_record.read_text())
+    assert len(record["run"]) == 32 and record["settings"] == bm.trainer_settings("SpadePretrainTrainer_smoke")
+    pre_record.write_text(json.dumps({**record, "run": "0" * 32}))
+    res = subprocess.run([str(c) for c in cmd], env=env, capture_output=True, text=True, timeout=600)
+    assert res.returncode != 0 and "was fine-tuned from an earlier pretraining of SpadePretrainTrainer_smoke" \
+        in res.stderr
+    pre_record.write_text(json.dumps(record))
+    lost.write_text(json.dumps(spade_kept))
     scratch_cell.write_text(json.dumps({**kept, "split_id": "0123456789ab"}))
     res = subprocess.run([str(c) for c in cmd], env=env, capture_output=True, text=True, timeout=600)
     assert res.returncode != 0 and "scored on another pool/test split" in res.stderr

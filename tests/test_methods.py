@@ -131,6 +131,14 @@ def test_spade_queue_fills_hands_off_and_is_restored(tiny):
         assert torch.equal(v, before[k]), k
     for k, v in ckpt["ssl_extra_state"]["key_model"].items():
         assert torch.equal(tr.key_model.state_dict()[k].cpu(), v), k
+    # a queue of another size (written with another global_queue_size) is refused in one line, before any weight
+    small = {k: v[:16] if v.dim() else v for k, v in queue.items()}
+    with pytest.raises(ValueError, match=r"checkpoint's 'global_queue' state does not fit "
+                                         r"SpadeQueuePretrainTrainer_smoke \(keys: \(16, 128\) in the checkpoint, "
+                                         r"\(256, 128\) here\)"):
+        tr.load_checkpoint({**stripped, "ssl_extra_state": {**ckpt["ssl_extra_state"], "global_queue": small}})
+    for k, v in tr.network.state_dict().items():
+        assert torch.equal(v, before[k]), k
 
 
 def test_inspect_pairs_draws_the_selection(tiny, tmp_path):

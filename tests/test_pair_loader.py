@@ -244,20 +244,22 @@ def test_neighbour_crops_layout_and_overlap(coord_dataset):
     assert err.max() < 1.0
 
 
-def _threads_inside_loader_limit(_=None):
-    from threadpoolctl import threadpool_info
+def _threads_inside_loader_limit(owner_pid: int) -> int:
+    import torch  # noqa: F401  (its OpenMP runtime is what the limit acts on)
+    from threadpoolctl import threadpool_info, threadpool_limits
 
     from nnunet_ssl.nnunet.pair_loader import loader_thread_limit
-    with loader_thread_limit():
-        return max(i["num_threads"] for i in threadpool_info())
+    with threadpool_limits(limits=2, user_api=None):  # two threads outside, whatever the machine or OMP_NUM_THREADS
+        with loader_thread_limit(owner_pid):
+            return max(i["num_threads"] for i in threadpool_info() if i["user_api"] == "openmp")
 
 
 def test_loading_in_the_training_process_keeps_its_threads_a_worker_gets_one():
-    from threadpoolctl import threadpool_info
-    outside = max(i["num_threads"] for i in threadpool_info())
-    # in the training process (nnUNet_n_proc_DA=0) the batch is built with the training's threads, idle meanwhile
-    assert _threads_inside_loader_limit() == outside
-    # a background loader process shares the cores with the others: one thread each, as in nnU-Net's loader
     import multiprocessing
+    import os
+    # in the process that built the loader (the training process, nnUNet_n_proc_DA=0) the batch is built with the
+    # training's threads, idle meanwhile
+    assert _threads_inside_loader_limit(os.getpid()) == 2
+    # a background loader process runs a copy of the loader and shares the cores with the others: one thread each
     with multiprocessing.get_context("spawn").Pool(1) as pool:
-        assert pool.apply(_threads_inside_loader_limit) == 1
+        assert pool.apply(_threads_inside_loader_limit, (os.getpid(),)) == 1

@@ -444,11 +444,23 @@ class PretrainingEngine(CheckpointFormatMixin, nnUNetTrainer):
                 for name, module in self.stateful_modules().items()}
 
     def check_extra_state(self, state: dict) -> None:
-        missing = [name for name in self.stateful_modules() if name not in state]
+        """Refuse, in one line, a checkpoint whose method state is missing or does not fit (e.g. a queue of another
+        size): load_state_dict would fail only after the network had loaded, with a multi-line error."""
+        modules = self.stateful_modules()
+        missing = [name for name in modules if name not in state]
         if missing:
             raise ValueError(f"checkpoint has no {', '.join(repr(m) for m in missing)} state although "
                              f"{self.__class__.__name__} keeps it: it was written by another trainer or "
                              "configuration; start a new run instead of --c")
+        for name, module in modules.items():
+            own = {k: tuple(getattr(v, "shape", ())) for k, v in module.state_dict().items()}
+            saved = {k: tuple(getattr(v, "shape", ())) for k, v in state[name].items()}
+            if own != saved:
+                diff = sorted(set(own) ^ set(saved)) or [k for k in own if own[k] != saved[k]]
+                k = diff[0]
+                raise ValueError(f"checkpoint's {name!r} state does not fit {self.__class__.__name__} ({k}: "
+                                 f"{saved.get(k, 'absent')} in the checkpoint, {own.get(k, 'absent')} here): it was "
+                                 "written with other settings; start a new run instead of --c")
 
     def load_extra_state(self, state: dict) -> None:
         self.check_extra_state(state)

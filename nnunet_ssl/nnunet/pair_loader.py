@@ -11,7 +11,7 @@ range); they follow as blocks of B rows, each a crop of its own (``sample_index`
 """
 from __future__ import annotations
 
-import multiprocessing
+import os
 from contextlib import nullcontext
 from typing import Sequence, Tuple
 
@@ -45,12 +45,12 @@ def box_overlap(shift: np.ndarray, size: np.ndarray) -> np.ndarray:
     return np.prod(np.clip(size - np.abs(shift), 0, None) / size, axis=-1)
 
 
-def loader_thread_limit():
-    """One thread per background loader process (nnU-Net's rule: the workers share the cores); loading in the
-    training process (nnUNet_n_proc_DA=0, the CPU default) uses the training's threads, which are idle meanwhile
-    (Spade's CPU-budget batch: 23-33 against 36-41 ms with the limit, BENCHMARKS.md)."""
-    return threadpool_limits(limits=1, user_api=None) if multiprocessing.parent_process() is not None \
-        else nullcontext()
+def loader_thread_limit(owner_pid: int):
+    """One thread in a background loader process (nnU-Net's rule: the workers share the cores), i.e. wherever the
+    loader runs outside the process that built it (``owner_pid``); loading in the training process itself
+    (nnUNet_n_proc_DA=0, the CPU default; also each DDP rank's own) uses the training's threads, which are idle
+    meanwhile (Spade's CPU-budget batch: 23-33 against 36-41 ms with the limit, BENCHMARKS.md)."""
+    return threadpool_limits(limits=1, user_api=None) if os.getpid() != owner_pid else nullcontext()
 
 
 class TwoViewDataLoader(nnUNetDataLoader):
@@ -61,6 +61,7 @@ class TwoViewDataLoader(nnUNetDataLoader):
                  overlap_range: Tuple[float, float] = (0.3, 0.9), num_overlap_candidates: int = 32,
                  min_content_fraction: float = 0.1, num_neighbors: int = 0,
                  neighbor_overlap: Tuple[float, float] = (0.1, 0.5)):
+        self.owner_pid = os.getpid()  # background workers run copies of this loader in other processes
         super().__init__(data, batch_size, patch_size, final_patch_size, label_manager,
                          oversample_foreground_percent=0.0, sampling_probabilities=None, pad_sides=None,
                          probabilistic_oversampling=False, transforms=None)
@@ -160,7 +161,7 @@ class TwoViewDataLoader(nnUNetDataLoader):
         fs = np.asarray(self.final_patch_size)
         spatial_axes = [0, 1, 2] if not self.patch_size_was_2d else [1, 2]  # volume axes the patch spans
 
-        with torch.no_grad(), loader_thread_limit():
+        with torch.no_grad(), loader_thread_limit(self.owner_pid):
             for j, key in enumerate(keys):
                 data, _seg, _prev, properties = self._data.load_case(key)
                 shape = data.shape[1:]
