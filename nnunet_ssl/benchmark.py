@@ -546,17 +546,18 @@ def run_benchmark(s: Settings) -> List[dict]:
             _log(f"{label}: done before (mean Dice {row['mean_dice']:.4f})")
             return row
         times = {"pretrain_s": 0.0, "finetune_s": 0.0, "predict_s": 0.0}
-        weights, pre_trainer, pre_record = None, "", {}
+        weights, pre_trainer, pre_record, pre_settings = None, "", {}, {}
         if METHODS[method]:
             pre_trainer = pretrain_trainer_of(method, budget, overrides)
             pre_results = work / "results" / tag / "pretrain"
             pre_out = pre_results / ds_name / f"{pre_trainer}__{budget.plans}__{s.configuration}" / "fold_0"
             weights = pre_out / "checkpoint_final.pth"
             times_file = pre_out.parent / "pretrain_time.json"
+            pre_settings = trainer_settings(pre_trainer)
             with pretrain_locks[method]:  # one pretraining per method, however many cells wait for it
                 if weights.exists():
-                    check_reused_pretraining(weights, pre_trainer,
-                                             json.loads(times_file.read_text()) if times_file.exists() else {})
+                    pre_record = json.loads(times_file.read_text()) if times_file.exists() else {}
+                    check_reused_pretraining(weights, pre_trainer, pre_record)
                 else:
                     _log(f"{label}: pretraining {pre_trainer} on {len(pool)} pool images")
                     took = pipeline.train(dataset_id, s.configuration, 0, pre_trainer, budget.plans,
@@ -564,9 +565,8 @@ def run_benchmark(s: Settings) -> List[dict]:
                                           f"pretrain {method}", s.device, output_folder=pre_out)
                     # run: an id of this pretraining, which its fine-tunings record (a pretraining done again after
                     # a refusal must not hand its name to fine-tunings of the old one)
-                    _atomic_json(times_file, {"pretrain_s": round(took, 1), "settings": trainer_settings(pre_trainer),
-                                              "run": uuid.uuid4().hex})
-            pre_record = json.loads(times_file.read_text()) if times_file.exists() else {}
+                    pre_record = {"pretrain_s": round(took, 1), "settings": pre_settings, "run": uuid.uuid4().hex}
+                    _atomic_json(times_file, pre_record)
             times["pretrain_s"] = pre_record.get("pretrain_s", 0.0)
         ft_trainer = finetune_trainer_of(method, budget, s.finetune_trainer, s.pretrained_finetune_trainer)
         results = work / "results" / tag / name
@@ -623,7 +623,7 @@ def run_benchmark(s: Settings) -> List[dict]:
                "num_test": scores["num_cases"], "mean_dice": scores["mean"], "per_case": scores["per_case"],
                **{f"dice_{c}": d for c, d in scores["per_class"].items()}, **times}
         row["total_iterations"] = row["pretrain_iterations"] + row["finetune_iterations"]
-        row.update(pretrain_settings=trainer_settings(pre_trainer), finetune_settings=ft_settings)
+        row.update(pretrain_settings=pre_settings, finetune_settings=ft_settings)
         _atomic_json(cell_file, row)
         _log(f"{label}: mean Dice {row['mean_dice']:.4f}  ({time.time() - t_start:.0f} s elapsed)")
         with report_lock:
