@@ -23,9 +23,10 @@ GOAL_LOSS_SHARE = 0.05    # pair selection + loss (compute_loss) <= 5 % of a pre
 GOAL_LOADER_RATIO = 0.45  # two-view loader >= 0.45 x the standard loader's batches/s
 
 
-# --cpu-fast compare: the CPU variants of a plugin trainer, as (cpu_bf16, cpu_channels_last, cpu_compile)
+# --cpu-fast compare: the CPU variants of a plugin trainer, as (cpu_bf16, cpu_channels_last, cpu_compile); "fp32" is
+# the standard layout (the float32 default is "fp32-cl")
 CPU_VARIANTS = {"fp32": (False, False, False), "fp32-cl": (False, True, False), "fp32-compile": (False, False, True),
-                "fp32-cl-compile": (False, True, True), "bf16": (True, None, False)}
+                "fp32-cl-compile": (False, True, True), "bf16": (True, True, False)}
 
 
 def _build(trainer_name: str, dataset: str, configuration: str, plans: str, device: torch.device,
@@ -166,8 +167,8 @@ def bench_speed(dataset: str, configuration: str = "3d_fullres", plans: str = "n
         variants = [(tr, False)]
         if cpu_bf16 == "compare" and dev.type == "cpu" and isinstance(tr, CPUFastPathMixin):
             variants.append((_build(name, dataset, configuration, plans, dev, True), True))
-        for t, _ in variants:
-            label = f"{name} [{_precision(t, dev)}]" if cpu_bf16 == "compare" else name
+        for t, _ in variants:  # labelled by number format; the report's "precision" also names the layout
+            label = f"{name} [{_precision(t, dev).replace('fp32-cl', 'fp32')}]" if cpu_bf16 == "compare" else name
             built[label], trainer_of[label] = t, name
     labels = list(built)
     precision = {k: _precision(tr, dev) for k, tr in built.items()}

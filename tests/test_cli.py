@@ -113,8 +113,9 @@ def test_bench_speed_reports_loss_share_loaders_and_cpu_bf16(tmp_path):
     res = run([BIN / "nnunet-ssl", "bench-speed", "-d", 994, "-p", "nnUNetPlansTiny", "-tr", "nnUNetTrainer",
                "SpadePretrainTrainer", "--iterations", 1, "--workers", 1, "--cpu-bf16", "compare", "--json", out], env)
     r = json.loads(out.read_text())
-    # the stock trainer has no fast path: it runs once, in float32, and is the reference of both Spade runs
-    assert r["precision"] == {"nnUNetTrainer [fp32]": "fp32", "SpadePretrainTrainer [fp32]": "fp32",
+    # the stock trainer has no fast path: it runs once, in float32, and is the reference of both Spade runs (whose
+    # float32 run is in the plugin's default channels-last layout)
+    assert r["precision"] == {"nnUNetTrainer [fp32]": "fp32", "SpadePretrainTrainer [fp32]": "fp32-cl",
                               "SpadePretrainTrainer [bf16]": "bf16"}
     assert set(r["loss_share_of_step"]) == {"SpadePretrainTrainer [fp32]", "SpadePretrainTrainer [bf16]"}
     assert all(0 < v < 1 for v in r["loss_share_of_step"].values())

@@ -170,8 +170,9 @@ def _conv_weights(module):
 
 
 def test_finetune_fast_path_off_is_nnunets_float32_step(nnunet_dirs):
-    ours = _trainer(nnUNetTrainerFinetune, cpu_bf16=False)
-    stock = _trainer(nnUNetTrainerFinetune, cpu_bf16=False)  # same seed: same weights
+    # standard layout (the float32 default is channels-last: test_channels_last_float32_is_the_float32_step)
+    ours = _fp32_trainer(nnUNetTrainerFinetune, channels_last=False, compile_=False)
+    stock = _fp32_trainer(nnUNetTrainerFinetune, channels_last=False, compile_=False)  # same seed: same weights
     seen = []
     _record_forward(ours.network, seen)
     out = ours.train_step(_segmentation_batch())
@@ -238,7 +239,8 @@ def test_pretraining_step_both_ways(nnunet_dirs, cpu_bf16):
     assert np.isfinite(out["loss"]) and np.isfinite(out["local"]) and np.isfinite(out["global"])
     grads = [p.grad for p in list(tr.network.parameters()) + list(tr.heads.parameters()) if p.grad is not None]
     assert grads and all(torch.isfinite(g).all() for g in grads)
-    fmt = torch.channels_last_3d if cpu_bf16 else torch.contiguous_format
+    # channels-last either way: always with bf16, by default in float32
+    fmt = torch.channels_last_3d
     assert all(w.is_contiguous(memory_format=fmt) for w in _conv_weights(tr.network) + _conv_weights(tr.heads))
 
 
@@ -349,15 +351,22 @@ def _assert_same_step(a, b, rtol):
 
 
 def test_channels_last_float32_is_the_float32_step(nnunet_dirs):
-    """cpu_channels_last in float32: weights and inputs in channels-last layout, nnU-Net's float32 step otherwise;
-    loss and updated weights equal the contiguous step's within 1e-4 (relative; oneDNN picks other kernels)."""
+    """cpu_channels_last in float32 (the default): weights and inputs in channels-last layout, nnU-Net's float32 step
+    otherwise; loss and updated weights equal the contiguous step's within 1e-4 (relative; oneDNN picks other
+    kernels). The environment variable wins over the class attribute."""
     eager = _fp32_trainer(nnUNetTrainerFinetune, channels_last=False, compile_=False)
-    cl = _fp32_trainer(nnUNetTrainerFinetune, channels_last=True, compile_=False)
+    cl = _trainer(nnUNetTrainerFinetune, cpu_bf16=False)  # the default
+    assert cl.cpu_channels_last is True
     assert all(w.is_contiguous(memory_format=torch.channels_last_3d) for w in _conv_weights(cl.network))
     assert not isinstance(cl.loss, Float32Loss) and not cl.cpu_fast_path
     _assert_same_step(_step_and_grads(cl, _segmentation_batch()), _step_and_grads(eager, _segmentation_batch()), 1e-4)
     with open(cl.log_file) as log:
         assert "channels-last layout (cpu_channels_last)" in log.read()
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("NNUNET_SSL_CPU_CHANNELS_LAST", "0")
+        assert not cl.cpu_channels_last_on and not eager.cpu_channels_last_on
+        mp.setenv("NNUNET_SSL_CPU_CHANNELS_LAST", "1")
+        assert cl.cpu_channels_last_on and eager.cpu_channels_last_on
 
 
 @pytest.mark.slow
