@@ -155,17 +155,18 @@ def changed_settings(recorded: Dict[str, str], now: Dict[str, str]) -> str:
                      if recorded[k] != now[k])
 
 
-def check_reused_pretraining(checkpoint: Path, trainer: str, record: dict) -> None:
+def check_reused_pretraining(checkpoint: Path, trainer: str, record: dict, settings: Dict[str, str]) -> None:
     """A pretraining kept in the work dir must come from the trainer as it is declared now (a changed default,
     e.g. a queue switched on, would otherwise hand over a checkpoint of the old method under the same name).
     ``record``: its pretrain_time.json, whose "settings" are the trainer's at pretraining time; a run from before
-    that record is checked against the ``ssl_method`` of its checkpoint (the engine's and budget's settings)."""
+    that record is checked against the ``ssl_method`` of its checkpoint (the engine's and budget's settings).
+    ``settings``: the trainer's settings now (``trainer_settings(trainer)``)."""
     recorded = record.get("settings")
     if recorded is None:
         import torch
         recorded = {k: v for k, v in (torch.load(checkpoint, map_location="cpu", weights_only=False)
                                       .get("ssl_method") or {}).items() if k != "trainer"}
-    changed = changed_settings(recorded, trainer_settings(trainer))
+    changed = changed_settings(recorded, settings)
     if changed:
         raise SystemExit(f"{checkpoint} was pretrained by {trainer} with other settings than it declares now "
                          f"({changed}): delete {checkpoint.parent} to pretrain again, or use another --work-dir")
@@ -557,7 +558,7 @@ def run_benchmark(s: Settings) -> List[dict]:
             with pretrain_locks[method]:  # one pretraining per method, however many cells wait for it
                 if weights.exists():
                     pre_record = json.loads(times_file.read_text()) if times_file.exists() else {}
-                    check_reused_pretraining(weights, pre_trainer, pre_record)
+                    check_reused_pretraining(weights, pre_trainer, pre_record, pre_settings)
                 else:
                     _log(f"{label}: pretraining {pre_trainer} on {len(pool)} pool images")
                     took = pipeline.train(dataset_id, s.configuration, 0, pre_trainer, budget.plans,

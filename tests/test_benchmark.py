@@ -251,18 +251,20 @@ def test_changed_trainer_settings_are_named_and_a_stale_pretraining_is_refused(t
     # run from before that record, against the ssl_method of its checkpoint (engine and budget settings, same reprs)
     ckpt = tmp_path / "checkpoint_final.pth"
     torch.save({"ssl_method": {"trainer": "SpadePretrainTrainer_cpu", **plain}}, ckpt)
+    spade_now = lambda: bm.trainer_settings("SpadePretrainTrainer_cpu")  # noqa: E731 (read after the patch below)
     for record in ({"settings": plain}, {}):
-        bm.check_reused_pretraining(ckpt, "SpadePretrainTrainer_cpu", record)
+        bm.check_reused_pretraining(ckpt, "SpadePretrainTrainer_cpu", record, spade_now())
     monkeypatch.setattr(bm.trainer_class("SpadePretrainTrainer_cpu"), "global_queue_size", 64)  # a new default
     for record in ({"settings": plain}, {}):
         with pytest.raises(SystemExit, match=r"with other settings than it declares now \(global_queue_size 0 -> 64\)"
                                              r": delete .* to pretrain again"):
-            bm.check_reused_pretraining(ckpt, "SpadePretrainTrainer_cpu", record)
+            bm.check_reused_pretraining(ckpt, "SpadePretrainTrainer_cpu", record, spade_now())
     # the record covers what ssl_method leaves out: settings of mixins outside the engine, e.g. the masking
     recon = bm.trainer_settings("MaskedReconPretrainTrainer_cpu")
     torch.save({"ssl_method": {"trainer": "MaskedReconPretrainTrainer_cpu"}}, ckpt)
     with pytest.raises(SystemExit, match=r"\(mask_ratio 0.3 -> 0.6\)"):
-        bm.check_reused_pretraining(ckpt, "MaskedReconPretrainTrainer_cpu", {"settings": {**recon, "mask_ratio": "0.3"}})
+        bm.check_reused_pretraining(ckpt, "MaskedReconPretrainTrainer_cpu", {"settings": {**recon, "mask_ratio": "0.3"}},
+                                    recon)
 
 
 @pytest.mark.slow
