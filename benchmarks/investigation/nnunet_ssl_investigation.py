@@ -178,3 +178,10 @@ class SpadePretrainTrainer_cpu_moco(SpadePretrainTrainer_cpu):
 class SpadePretrainTrainer_cpu_moco_160ep(SpadePretrainTrainer_cpu_moco):
     """The momentum-queue Spade pretrained four times longer (4000 iterations): does contrast need more steps?"""
     num_epochs = 160
+
+
+# ---- crops per step: twice the crops in each pretraining step (the issue asks for length and crops per step)
+class SpadePretrainTrainer_cpu_8cases(SpadePretrainTrainer_cpu):
+    """8 cases x 2 views per step instead of 4 x 2, same 1000 iterations: twice the crops seen, and ~4x the
+    far-apart pairs per anchor in the global branch (which a batch of 4 crops barely has)."""
+    cases_per_step = 8
