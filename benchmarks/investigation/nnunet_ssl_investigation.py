@@ -182,6 +182,6 @@ class SpadePretrainTrainer_cpu_moco_160ep(SpadePretrainTrainer_cpu_moco):
 
 # ---- crops per step: twice the crops in each pretraining step (the issue asks for length and crops per step)
 class SpadePretrainTrainer_cpu_8cases(SpadePretrainTrainer_cpu):
-    """8 cases x 2 views per step instead of 4 x 2, same 1000 iterations: twice the crops seen, and ~4x the
-    far-apart pairs per anchor in the global branch (which a batch of 4 crops barely has)."""
+    """8 cases x 2 views per step instead of 4 x 2, same 1000 iterations: twice the crops seen, and about twice the
+    far-apart crops per anchor in the global branch (which a batch of 4 crops barely has)."""
     cases_per_step = 8
