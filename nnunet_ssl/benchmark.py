@@ -697,6 +697,13 @@ def _fmt_ci(mean: float, low: float, high: float) -> str:
     return f"{mean:.3f} [{low:.3f}, {high:.3f}]"
 
 
+def _span(cells: Dict[int, dict], key: str) -> str:
+    """One value of ``key`` over a row's cells, or its range where they differ: ``stock`` trains for the minutes of
+    each seed's scratch cell, so its iterations vary with the machine and what else ran on it."""
+    values = sorted({int(r[key]) for r in cells.values()})
+    return str(values[0]) if len(values) == 1 else f"{values[0]}–{values[-1]}"
+
+
 def _min_class(row: dict) -> float:
     vals = [v for k, v in row.items() if k.startswith("dice_") and v == v]
     return min(vals) if vals else float("nan")
@@ -718,8 +725,7 @@ def markdown_table(rows: List[dict], class_cols: List[str], names: Dict[str, str
         for method, by_k in methods.items():
             for k in sorted(by_k):
                 cells = by_k[k]
-                any_row = next(iter(cells.values()))
-                its = f"{any_row['pretrain_iterations']} + {any_row['finetune_iterations']}"
+                its = f"{_span(cells, 'pretrain_iterations')} + {_span(cells, 'finetune_iterations')}"
                 dice = _fmt_ci(*mean_ci(list(cells.values())))
                 diffs = []
                 for ref in REFERENCES:

@@ -133,6 +133,21 @@ def test_auto_precision_cells_of_bf16_and_fp32_machines_form_one_setup(tmp_path)
     assert next(ln for ln in md.splitlines() if ln.startswith("| spade | 5 |")).split("|")[3].strip() == "2"
 
 
+def test_iterations_column_gives_the_range_where_cells_differ(tmp_path):
+    # stock nnU-Net trains for the minutes of each seed's scratch cell: its iterations differ between seeds
+    (tmp_path / "cells").mkdir()
+    for i, (method, seed, its) in enumerate((("scratch", 0, 20), ("scratch", 1, 20), ("stock", 0, 1325),
+                                             ("stock", 1, 3600), ("stock", 2, 1800))):
+        row = {**_row(method, seed, {"c": [0.6, 0.6]}), "pretrain_iterations": 0, "finetune_iterations": its}
+        (tmp_path / "cells" / f"{i}.json").write_text(json.dumps(row))
+    bm.write_reports(tmp_path, {"labels": {"background": 0, "a": 1, "b": 2}},
+                     bm.Settings("990", str(tmp_path), ("scratch", "stock"), (5,), (0, 1, 2), "cpu"))
+    lines = (tmp_path / "results.md").read_text().splitlines()
+    column = {m: next(ln for ln in lines if ln.startswith(f"| {m} | 5 |")).split("|")[4].strip()
+              for m in ("scratch", "stock")}
+    assert column == {"scratch": "0 + 20", "stock": "0 + 1325–3600"}
+
+
 def test_trainer_overrides_name_their_cells_and_report_apart(tmp_path, monkeypatch):
     from nnunet_ssl.trainers import PRETRAINING_TRAINERS
     assert "SpadePretrainTrainer_cpu_80ep" not in PRETRAINING_TRAINERS  # investigation variants are not the product
