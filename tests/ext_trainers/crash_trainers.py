@@ -33,5 +33,7 @@ from nnunet_ssl.trainers.stock import nnUNetTrainerWallClock  # noqa: E402
 
 
 class nnUNetTrainerWallClock_test(nnUNetTrainerWallClock):
-    """Epochs of 2 iterations, so that a few seconds of budget hold several epochs."""
+    """Epochs of 2 training and 2 validation iterations (nnU-Net's 50 validation iterations alone can fill a few
+    seconds on a busy 2-core machine), so that a few seconds of budget hold several epochs."""
     num_iterations_per_epoch = 2
+    num_val_iterations_per_epoch = 2
