@@ -398,3 +398,67 @@ def test_argmin_last_equals_argmin_first_occurrence(n):
     torch.testing.assert_close(argmin_last(x), x.argmin(dim=-1), rtol=0, atol=0)
     y = torch.randn(4, n, generator=g)
     assert torch.equal(argmin_last(y), y.argmin(dim=-1))
+
+
+def _affine_view(shape, spacing, g, elastic=0.0):
+    """Coordinates of a view of a volume: a random rotation, per-axis scale and mirroring of the voxel lattice
+    (spacing in volume voxels, as a strided feature map), shifted to the volume's middle, plus an optional smooth
+    displacement of up to ``elastic`` voxels."""
+    nd = len(shape)
+    q, _ = torch.linalg.qr(torch.randn(3, 3, generator=g, dtype=torch.float64))
+    scale = torch.tensor(spacing, dtype=torch.float64) * (0.7 + 0.7 * torch.rand(nd, generator=g, dtype=torch.float64))
+    sign = torch.where(torch.rand(nd, generator=g) < 0.5, -1.0, 1.0).double()
+    a = q[:, :nd] * (scale * sign)  # (3, nd)
+    idx = torch.stack(torch.meshgrid(*[torch.arange(n, dtype=torch.float64) for n in shape], indexing="ij"))
+    centre = torch.tensor([(n - 1) / 2 for n in shape], dtype=torch.float64).view(nd, *([1] * nd))
+    shift = 60.0 + 3 * torch.rand(3, generator=g, dtype=torch.float64)
+    c = torch.einsum("cd,d...->c...", a, idx - centre) + shift.view(3, *([1] * nd))
+    if elastic:
+        phase = torch.rand(3, generator=g) * 6.28
+        c = c + elastic * torch.stack([torch.sin(idx[i % nd] * 0.4 + phase[i]) for i in range(3)])
+    return c.float()
+
+
+@pytest.mark.parametrize("shape,spacing,elastic", [((12, 16, 12), (2, 2, 2), 0.0), ((4, 12, 10), (1, 2, 2), 0.0),
+                                                   ((12, 16, 12), (2, 2, 2), 0.4), ((20, 24), (2, 2), 0.0)])
+def test_window_search_equals_brute_force(shape, spacing, elastic):
+    from nnunet_ssl.core.correspondence import _window_nearest
+    g = torch.Generator().manual_seed(sum(shape))
+    bsz = 4
+    ca = torch.stack([_affine_view(shape, spacing, g, elastic) for _ in range(bsz)])
+    cb = torch.stack([_affine_view(shape, spacing, g, elastic) for _ in range(bsz)])
+    va = torch.rand(bsz, *shape, generator=g) < 0.9
+    vb = torch.rand(bsz, *shape, generator=g) < 0.9
+    vb[0, : shape[0] // 2] = False  # part of a view outside the volume
+    tol = 1.0 * max(spacing)
+    # the window is really taken (an affine fit, a box much smaller than the view), not the brute-force fallback
+    p = cb.flatten(2).transpose(1, 2)
+    assert _window_nearest(p[:, :5], torch.where(vb.flatten(1)[..., None], p, 0), vb.flatten(1), shape, tol) is not None
+    outs = {s: sample_correspondences(ca, va, cb, vb, 64, tol, generator=torch.Generator().manual_seed(3), search=s)
+            for s in ("window", "brute")}
+    w, b = outs["window"], outs["brute"]
+    assert w["mask"].sum() > bsz * 32  # the views overlap: most slots matched
+    assert torch.equal(w["mask"], b["mask"]) and torch.equal(w["index_a"], b["index_a"])
+    torch.testing.assert_close(w["distance"], b["distance"], rtol=0, atol=1e-5)
+    # the same voxel, or one exactly as near (a tie)
+    assert (w["index_b"] == b["index_b"]).float().mean() > 0.99
+    # the default on CPU is the window
+    auto = sample_correspondences(ca, va, cb, vb, 64, tol, generator=torch.Generator().manual_seed(3))
+    assert all(torch.equal(auto[k], w[k]) for k in w)
+
+
+def test_window_search_falls_back_where_no_affine_fit_helps():
+    from nnunet_ssl.core.correspondence import _window_nearest
+    g = torch.Generator().manual_seed(0)
+    shape = (8, 8, 8)
+    pts = torch.rand(2, 512, 3, generator=g) * 8
+    v = torch.ones(2, 512, dtype=torch.bool)
+    assert _window_nearest(pts[:, :10], pts, v, shape, 1.0) is None  # scattered: the box would be the whole view
+    grid = _grid(shape).flatten(1).t()[None].expand(2, -1, -1).contiguous()
+    flat = v.clone()
+    flat[:, 64:] = False  # valid voxels on one plane: no 3-D fit
+    assert _window_nearest(grid[:, :10], grid, flat, shape, 1.0) is None
+    assert _window_nearest(grid[:, :10], grid, v, shape, 1.0) is not None
+    with pytest.raises(ValueError, match="search must be"):
+        sample_correspondences(grid.transpose(1, 2).reshape(2, 3, *shape), v.reshape(2, *shape),
+                               grid.transpose(1, 2).reshape(2, 3, *shape), v.reshape(2, *shape), 4, 1.0, search="x")

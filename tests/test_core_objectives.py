@@ -290,7 +290,8 @@ def test_spade_objectives_never_wait_for_the_device():
     with Record() as rec:
         lg, _ = spade_global_loss(emb, torch.rand(len(sample), 3), sample, 0.1, 0.3, 0.1)
         ll, _ = dense_correspondence_loss(dense, coords, valid, torch.full((len(sample), 3), 0.1),
-                                          torch.zeros(len(sample), 3), sample, (1, 1, 1), 32, 0.5, 0.25, 0.2)
+                                          torch.zeros(len(sample), 3), sample, (1, 1, 1), 32, 0.5, 0.25, 0.2,
+                                          search="brute")  # 'auto' off the CPU (the window sizes its box on the host)
         n = len(sample)  # SpadeSoft's global branch: affinity-weighted contrast
         ls, _ = affinity_weighted_loss(emb, torch.rand(n, n), torch.rand(n, n) > 0.5, 0.5)
         (lg + ll + ls).backward()

@@ -33,6 +33,9 @@ class SpadePretrainTrainer(ContrastivePretrainTrainer):
     temperature_local = 0.1
     local_out_dim = 64
     local_match_tolerance = 1.0  # max distance (feature voxels) between matched voxel positions
+    # nearest-voxel search of the matching: 'auto' (a box from an affine fit of the view on CPU, brute force
+    # elsewhere), 'window' or 'brute'; the same pairs either way (sample_correspondences)
+    local_match_search = "auto"
     lambda_global = 1.0
     lambda_local = 1.0
     # a FIFO of earlier steps' global keys (0: off): a batch of a few crops has few far-apart ones, and the queued
@@ -79,7 +82,7 @@ class SpadePretrainTrainer(ContrastivePretrainTrainer):
             outputs["local"], batch["coords"], batch["valid"], batch["canonical_scale"],
             batch["canonical_offset"], batch["sample_index"], self.decoder_grid(), self.local_samples,
             self.local_match_tolerance, self.r_local_neg, self.temperature_local,
-            generator=self.step_generator)  # identical voxel samples on every DDP rank
+            generator=self.step_generator, search=self.local_match_search)  # identical voxel samples on every DDP rank
 
     def compute_loss(self, outputs, batch):
         l_g, s_g = self.global_loss(outputs, batch)

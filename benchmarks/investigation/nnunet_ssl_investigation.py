@@ -161,6 +161,12 @@ class SpadePretrainTrainer_cpu_10ep(SpadePretrainTrainer_cpu):
     num_epochs = 10
 
 
+class SpadePretrainTrainer_cpu_brute(SpadePretrainTrainer_cpu):
+    """The local branch's nearest-voxel search over all of view b (a distance matrix), as before the affine-fit
+    window became the CPU default: the same pairs, timed against it (bench-speed)."""
+    local_match_search = "brute"
+
+
 # ---- Spade's global branch with a queue of negatives (a batch of 4 crops x 2 views has ~2 negatives per anchor)
 class SpadePretrainTrainer_cpu_queue(SpadePretrainTrainer_cpu):
     """Global queue of the last 256 online embeddings (32 steps), detached: a memory bank."""

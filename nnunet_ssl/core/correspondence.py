@@ -1,4 +1,5 @@
 """Voxel correspondences between two augmented views of one volume."""
+import functools
 import math
 from typing import Dict, Optional, Sequence, Tuple
 
@@ -39,6 +40,7 @@ def sample_correspondences(
     tolerance: float,
     generator: Optional[torch.Generator] = None,
     candidate_factor: Optional[float] = 4.0,
+    search: str = "auto",
 ) -> Dict[str, Tensor]:
     """Sample matching voxel pairs between view a and view b, per batch item.
 
@@ -52,7 +54,13 @@ def sample_correspondences(
     ``candidate_factor`` is None or they are fewer). Eligible means valid and inside
     the bounding box of view b's valid positions grown by ``tolerance``, which no
     matching voxel can lie outside of; this keeps the hit rate high for partially
-    overlapping views. The distance matrix is (B, candidates, prod(S)).
+    overlapping views.
+
+    ``search``: how the nearest valid b voxel is found, with the same result either way (up to exact ties):
+    'brute' ranks all of view b in a (B, candidates, prod(S)) distance matrix; 'window' fits an affine map to view
+    b's coordinates and looks only at the few voxels that can lie within ``tolerance`` (``_window_nearest``);
+    'auto' takes the window on CPU, where the matrix's memory traffic dominates the search, and brute force on
+    other devices, where the matrix is cheap and the window's Python-side sizing would wait for the device.
 
     Returns a dict with, for K = num_samples:
         'index_a', 'index_b': long (B, K) flat indices into the spatial dims,
@@ -69,6 +77,8 @@ def sample_correspondences(
         raise ValueError(f"valid masks must be {spatial}, got {tuple(valid_a.shape)} and {tuple(valid_b.shape)}")
     if num_samples < 0:
         raise ValueError(f"num_samples must be >= 0, got {num_samples}")
+    if search not in ("auto", "brute", "window"):
+        raise ValueError(f"search must be 'auto', 'brute' or 'window', got {search!r}")
     device = coords_a.device
     bsz = coords_a.shape[0]
     k = num_samples
@@ -102,22 +112,17 @@ def sample_correspondences(
     cand_ok = cand_score >= 0
     cand_pos = torch.gather(pa, 1, cand_idx[..., None].expand(-1, -1, 3))  # (B, M, 3)
 
-    # Rank b voxels by |b|^2 - 2<a, b> (the |a|^2 term is constant per row), in one
-    # (B, M, Sb) buffer; float32 even under autocast, since half precision cannot
-    # resolve voxel coordinates.
-    with torch.autocast(device_type=device.type, enabled=False):
-        # invalid b voxels get +inf in the per-column |b|^2 term (their coordinates are zeroed, so the product
-        # term stays finite): cheaper than masking the whole (B, M, Sb) buffer afterwards
-        norm_b = pb.pow(2).sum(-1).masked_fill(~vb, float("inf"))
-        # bmm, then the column term added in place: the same numbers as baddbmm(norm_b, ., ., alpha=-2) (x -2 is
-        # exact), without baddbmm's copy of the broadcast input into the (B, M, Sb) buffer (2x faster on CPU)
-        score_b = torch.bmm(cand_pos * -2.0, pb.transpose(1, 2)).add_(norm_b[:, None, :])
-        nn_idx = argmin_last(score_b)  # (B, M)
-        del score_b
+    found = None
+    if search == "window" or (search == "auto" and device.type == "cpu"):
+        found = _window_nearest(cand_pos, pb, vb, tuple(coords_b.shape[2:]), tolerance)
+    if found is not None:
+        nn_idx, has_b = found  # has_b (B, M): the candidate's box held a valid b voxel
+    else:
+        nn_idx = _brute_nearest(cand_pos, pb, vb)
+        has_b = vb.any(dim=1, keepdim=True)
     # Exact distance for the chosen pair (the expansion is only used to rank).
     nn_pos = torch.gather(pb, 1, nn_idx[..., None].expand(-1, -1, 3))
     dist = (cand_pos - nn_pos).norm(dim=-1)
-    has_b = vb.any(dim=1, keepdim=True)
     match = cand_ok & has_b & (dist <= tolerance)
 
     # Uniform random choice of K matches among the candidates.
@@ -139,6 +144,94 @@ def sample_correspondences(
         distance = F.pad(distance, (0, pad))
         mask = F.pad(mask, (0, pad), value=False)
     return {"index_a": index_a, "index_b": index_b, "mask": mask, "distance": distance}
+
+
+def _brute_nearest(cand_pos: Tensor, pb: Tensor, vb: Tensor) -> Tensor:
+    """Flat index of the nearest valid b voxel of every candidate, from all of view b: (B, M)."""
+    # Rank b voxels by |b|^2 - 2<a, b> (the |a|^2 term is constant per row), in one (B, M, Sb) buffer; float32 even
+    # under autocast, since half precision cannot resolve voxel coordinates.
+    with torch.autocast(device_type=cand_pos.device.type, enabled=False):
+        # invalid b voxels get +inf in the per-column |b|^2 term (their coordinates are zeroed, so the product
+        # term stays finite): cheaper than masking the whole (B, M, Sb) buffer afterwards
+        norm_b = pb.pow(2).sum(-1).masked_fill(~vb, float("inf"))
+        # bmm, then the column term added in place: the same numbers as baddbmm(norm_b, ., ., alpha=-2) (x -2 is
+        # exact), without baddbmm's copy of the broadcast input into the (B, M, Sb) buffer (2x faster on CPU)
+        score_b = torch.bmm(cand_pos * -2.0, pb.transpose(1, 2)).add_(norm_b[:, None, :])
+        return argmin_last(score_b)
+
+
+@functools.lru_cache(maxsize=8)
+def _index_rows(shape: Tuple[int, ...], device: torch.device) -> Tensor:
+    """(prod(shape), nd + 1) float64: each voxel's index followed by a 1, in row-major order (read-only)."""
+    axes = [torch.arange(n, device=device, dtype=torch.float64) for n in shape]
+    ones = torch.ones(shape, device=device, dtype=torch.float64)
+    return torch.stack(torch.meshgrid(*axes, indexing="ij") + (ones,), dim=-1).reshape(-1, len(shape) + 1)
+
+
+def _window_nearest(cand_pos: Tensor, pb: Tensor, vb: Tensor, shape: Tuple[int, ...],
+                    tolerance: float) -> Optional[Tuple[Tensor, Tensor]]:
+    """The nearest valid b voxel of every candidate among those that can lie within ``tolerance`` of it, or None
+    when that window would not be much smaller than view b (then brute force is as cheap).
+
+    View b's coordinates are fitted by an affine map of the voxel index, c(j) ~ A j + c0 (least squares over the
+    valid voxels; exact for nnU-Net's rotations, scalings and mirrorings), with largest residual r. A valid voxel j
+    within ``tolerance`` of a candidate p then has |A (j - u)| <= tolerance + r, u = A+ (p - c0), hence
+    |j_d - u_d| <= (tolerance + r) * |row d of A+| =: R_d: the box of floor(2 R_d) + 1 indices from ceil(u_d - R_d)
+    holds every such voxel, so the nearest valid voxel in the box is the nearest of view b whenever one lies within
+    tolerance (the only case that is used). Elastic deformation only widens the box through r. Returns the flat
+    indices (B, M) and whether the box held a valid voxel (B, M)."""
+    bsz, m = cand_pos.shape[:2]
+    nd = len(shape)
+    sb = pb.shape[1]
+    if m == 0 or sb == 0:
+        return None
+    dev = pb.device
+    with torch.autocast(device_type=dev.type, enabled=False):
+        x = _index_rows(shape, dev)  # [j, 1] per voxel
+        w = vb.to(torch.float64)[..., None]  # (B, Sb, 1)
+        y = pb.to(torch.float64)
+        xw_t = (x[None] * w).transpose(1, 2)  # (B, nd+1, Sb)
+        gram = xw_t @ x  # (B, nd+1, nd+1)
+        count = w.sum(dim=(1, 2))
+        # a fit needs valid voxels spanning every axis; a view without any valid voxel gets a dummy fit (it never
+        # matches: its box holds no valid voxel)
+        eig = torch.linalg.eigvalsh(gram)
+        empty = count == 0
+        if bool(((eig[:, 0] <= 1e-9 * eig[:, -1].clamp_min(1e-30)) & ~empty).any()):
+            return None  # the valid voxels of some view lie on a plane or a line: no affine fit
+        gram = torch.where(empty[:, None, None], torch.eye(nd + 1, device=dev, dtype=torch.float64), gram)
+        params = torch.linalg.solve(gram, xw_t @ y)  # (B, nd+1, 3)
+        dummy = torch.eye(nd + 1, 3, device=dev, dtype=torch.float64)
+        dummy[nd] = 0
+        params = torch.where(empty[:, None, None], dummy, params)
+        resid = ((x @ params).sub_(y).norm(dim=-1) * w[..., 0]).amax(dim=1)  # (B,) over valid voxels
+        a = params[:, :nd].transpose(1, 2)  # (B, 3, nd)
+        a_pinv = torch.linalg.solve(a.transpose(1, 2) @ a, a.transpose(1, 2))  # (B, nd, 3)
+        # (a hair wider than the bound: rounding in the fit and in u must not drop a voxel on the box's edge)
+        radius = (tolerance + resid + 1e-4)[:, None] * a_pinv.norm(dim=-1) + 1e-6  # (B, nd)
+        length = (torch.floor(2 * radius) + 1).amax(dim=0)  # (nd,) one box size for the batch
+        if not bool(torch.isfinite(length).all()) or float(length.prod()) * 4 > sb:
+            return None
+        length = [int(v) for v in length.tolist()]
+        u = (cand_pos.to(torch.float64) - params[:, nd][:, None, :]) @ a_pinv.transpose(1, 2)  # (B, M, nd)
+        # the integers within R_d of u_d start at ceil(u_d - R_d) and are at most floor(2 R_d) + 1
+        start = torch.ceil(u - radius[:, None, :]).long()
+        # the box's flat indices in row-major order (ties go to the lowest flat index, as with brute force), built
+        # per axis and broadcast; indices past the view's edge are clamped onto it: they repeat real voxels, which
+        # cannot change which one is nearest
+        flat = None
+        for d in range(nd):
+            j_d = (start[..., d, None] + torch.arange(length[d], device=dev)).clamp_(0, shape[d] - 1)
+            j_d = j_d * math.prod(shape[d + 1:])
+            flat = j_d if flat is None else flat[..., None] + j_d.view(bsz, m, *([1] * d), length[d])
+        flat = flat.reshape(bsz, -1)  # (B, M*W)
+        pos = torch.gather(pb, 1, flat[..., None].expand(-1, -1, 3)).view(bsz, m, -1, 3)
+        d2 = (pos - cand_pos[:, :, None, :]).square_().sum(dim=-1)
+        ok = torch.gather(vb, 1, flat).view(bsz, m, -1)
+        d2 = d2.masked_fill_(~ok, float("inf"))
+        best = d2.argmin(dim=-1)  # first occurrence
+        nn_idx = torch.gather(flat.view(bsz, m, -1), 2, best[..., None]).squeeze(-1)
+        return nn_idx, ok.any(dim=-1)
 
 
 def gather_at(feature_map: Tensor, flat_index: Tensor) -> Tensor:

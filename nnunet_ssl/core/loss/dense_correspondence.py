@@ -15,7 +15,8 @@ from ..selection import view_pairs
 def dense_correspondence_loss(dense: Tensor, coords: Tensor, valid: Tensor, canonical_scale: Tensor,
                               canonical_offset: Tensor, sample_index: Tensor, grid: Sequence,
                               num_samples: int, tolerance: float, r_neg: float, temperature: float,
-                              generator: Optional[torch.Generator] = None) -> Tuple[Tensor, Dict[str, Tensor]]:
+                              generator: Optional[torch.Generator] = None,
+                              search: str = "auto") -> Tuple[Tensor, Dict[str, Tensor]]:
     """Voxel-level contrast between the two views of each crop (Spade's local, equivariant branch).
 
     dense (N,C,*S') unit-norm features whose voxel i sits at input position ``scale * i + offset`` (``grid`` =
@@ -24,7 +25,8 @@ def dense_correspondence_loss(dense: Tensor, coords: Tensor, valid: Tensor, cano
     every input voxel and valid (N,*S) from the loader. Up to ``num_samples`` voxels of view a
     per crop are matched to the exactly corresponding feature voxel of view b (nearest in coordinates, within
     ``tolerance`` feature voxels). Positive: that voxel. Negatives: all other sampled voxels (both views, all
-    crops) whose canonical distance exceeds ``r_neg``; nearer ones are excluded.
+    crops) whose canonical distance exceeds ``r_neg``; nearer ones are excluded. ``search``: how the nearest voxel
+    is found (``sample_correspondences``; the same pairs either way).
 
     Padding slots (crops with fewer matches than ``num_samples``) stay in the fixed-size (2*B*K) layout and are
     masked out of every pair, rather than removed by boolean indexing: the shapes never depend on the data, so
@@ -42,7 +44,7 @@ def dense_correspondence_loss(dense: Tensor, coords: Tensor, valid: Tensor, cano
     a, b = view_pairs(sample_index)
     a, b = a.to(dense.device, non_blocking=True), b.to(dense.device, non_blocking=True)
     corr = sample_correspondences(c_feat[a], v_feat[a], c_feat[b], v_feat[b], num_samples,
-                                  tolerance * float(max(scale)), generator=generator)
+                                  tolerance * float(max(scale)), generator=generator, search=search)
     k = corr["mask"].shape[1]
     # rows (2*B*K,): slot j of view a, then the same slots of view b; voxels are read straight from the (N,C,V)
     # maps by (row, voxel) index, without copying whole feature maps per view
