@@ -459,6 +459,11 @@ def test_window_search_falls_back_where_no_affine_fit_helps():
     flat[:, 64:] = False  # valid voxels on one plane: no 3-D fit
     assert _window_nearest(grid[:, :10], grid, flat, shape, 1.0) is None
     assert _window_nearest(grid[:, :10], grid, v, shape, 1.0) is not None
+    collapsed = torch.zeros_like(grid) + 5.0  # every voxel shows one point: an affine fit with A = 0
+    assert _window_nearest(collapsed[:, :10], collapsed, v, shape, 1.0) is None
+    out = sample_correspondences(collapsed.transpose(1, 2).reshape(2, 3, *shape), v.reshape(2, *shape),
+                                 collapsed.transpose(1, 2).reshape(2, 3, *shape), v.reshape(2, *shape), 4, 1.0)
+    assert out["mask"].all()  # brute force took over
     with pytest.raises(ValueError, match="search must be"):
         sample_correspondences(grid.transpose(1, 2).reshape(2, 3, *shape), v.reshape(2, *shape),
                                grid.transpose(1, 2).reshape(2, 3, *shape), v.reshape(2, *shape), 4, 1.0, search="x")

@@ -206,7 +206,9 @@ def _window_nearest(cand_pos: Tensor, pb: Tensor, vb: Tensor, shape: Tuple[int, 
         params = torch.where(empty[:, None, None], dummy, params)
         resid = ((x @ params).sub_(y).norm(dim=-1) * w[..., 0]).amax(dim=1)  # (B,) over valid voxels
         a = params[:, :nd].transpose(1, 2)  # (B, 3, nd)
-        a_pinv = torch.linalg.solve(a.transpose(1, 2) @ a, a.transpose(1, 2))  # (B, nd, 3)
+        a_pinv, info = torch.linalg.solve_ex(a.transpose(1, 2) @ a, a.transpose(1, 2))  # (B, nd, 3)
+        if bool((info != 0).any()):
+            return None  # some view's positions collapse onto a plane or a point: no box from the fit
         # (a hair wider than the bound: rounding in the fit and in u must not drop a voxel on the box's edge)
         radius = (tolerance + resid + 1e-4)[:, None] * a_pinv.norm(dim=-1) + 1e-6  # (B, nd)
         length = (torch.floor(2 * radius) + 1).amax(dim=0)  # (nd,) one box size for the batch
