@@ -158,6 +158,31 @@ def test_view_correspondences_are_exact(coord_dataset):
     assert err.max() < 1.0
 
 
+@pytest.mark.parametrize("p_elastic", [0, 1])
+def test_window_search_finds_the_brute_force_pairs_in_real_views(coord_dataset, p_elastic):
+    """nnU-Net's own rotation, scaling and mirroring: the affine-fit window is taken and matches the same voxels as
+    the distance matrix over the whole view. nnU-Net's elastic deformation of a 12-voxel view moves voxels by more
+    than the box would save: the search hands over to brute force, with the same pairs."""
+    from nnunet_ssl.core import correspondence
+    from nnunet_ssl.core.correspondence import sample_correspondences
+    torch.manual_seed(4); np.random.seed(4)
+    loader, _ = _loader(coord_dataset, "3d_fullres", (12, 12, 12), p_rot=1, p_scale=1, p_elastic=p_elastic)
+    batch = loader.generate_train_batch()
+    b = len(batch["keys"])
+    c, v = batch["coords"], batch["valid"]
+    args = (c[:b], v[:b], c[b:], v[b:], 64, 1.0)
+    p = c[b:].flatten(2).transpose(1, 2).float()
+    vb = v[b:].flatten(1)
+    taken = correspondence._window_nearest(p[:, :8], torch.where(vb[..., None], p, 0.0), vb, (12, 12, 12), 1.0)
+    assert (taken is not None) == (p_elastic == 0)
+    w = sample_correspondences(*args, generator=torch.Generator().manual_seed(0), search="window")
+    br = sample_correspondences(*args, generator=torch.Generator().manual_seed(0), search="brute")
+    assert w["mask"].sum() > 50
+    assert torch.equal(w["mask"], br["mask"]) and torch.equal(w["index_a"], br["index_a"])
+    torch.testing.assert_close(w["distance"], br["distance"], rtol=0, atol=1e-5)
+    assert (w["index_b"] == br["index_b"]).float().mean() > 0.99
+
+
 def test_metadata_without_augmentation(coord_dataset):
     np.random.seed(3); torch.manual_seed(3)
     loader, tr = _loader(coord_dataset, "3d_fullres", (12, 12, 12), mirror=False, overlap=(0.4, 0.8))
