@@ -260,6 +260,10 @@ def test_changed_trainer_settings_are_named_and_a_stale_pretraining_is_refused(t
     # a setting added since a record was written keeps the behaviour the record ran with; logging is no setting
     assert bm.changed_settings({k: v for k, v in plain.items() if k != "r_neg"}, plain) == ""
     assert bm.changed_settings({**plain, "logged_terms": "('global',)"}, plain) == ""
+    # nor is how the same pairs are searched: a pretraining with the distance matrix is reused by the window's run
+    brute = bm.trainer_settings("SpadePretrainTrainer_cpu_brute")
+    assert brute["local_match_search"] == "'brute'" and plain["local_match_search"] == "'auto'"
+    assert bm.changed_settings(brute, plain) == ""
     assert bm.trainer_settings("nnUNetTrainerFinetune_cpu_120ep_lr3e3")["initial_lr"] == "0.003"
 
     # a pretraining kept in a work dir is checked against the settings its pretrain_time.json records, or, for a
