@@ -192,11 +192,10 @@ def _window_nearest(cand_pos: Tensor, pb: Tensor, vb: Tensor, shape: Tuple[int, 
         y = pb.to(torch.float64)
         xw_t = (x[None] * w).transpose(1, 2)  # (B, nd+1, Sb)
         gram = xw_t @ x  # (B, nd+1, nd+1)
-        count = w.sum(dim=(1, 2))
         # a fit needs valid voxels spanning every axis; a view without any valid voxel gets a dummy fit (it never
         # matches: its box holds no valid voxel)
         eig = torch.linalg.eigvalsh(gram)
-        empty = count == 0
+        empty = ~vb.any(dim=1)
         if bool(((eig[:, 0] <= 1e-9 * eig[:, -1].clamp_min(1e-30)) & ~empty).any()):
             return None  # the valid voxels of some view lie on a plane or a line: no affine fit
         gram = torch.where(empty[:, None, None], torch.eye(nd + 1, device=dev, dtype=torch.float64), gram)
