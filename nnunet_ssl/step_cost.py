@@ -23,10 +23,12 @@ GOAL_LOSS_SHARE = 0.05    # pair selection + loss (compute_loss) <= 5 % of a pre
 GOAL_LOADER_RATIO = 0.45  # two-view loader >= 0.45 x the standard loader's batches/s
 
 
-# --cpu-fast compare: the CPU variants of a plugin trainer, as (cpu_bf16, cpu_channels_last, cpu_compile); "fp32" is
-# the standard layout (the float32 default is "fp32-cl")
-CPU_VARIANTS = {"fp32": (False, False, False), "fp32-cl": (False, True, False), "fp32-compile": (False, False, True),
-                "fp32-cl-compile": (False, True, True), "bf16": (True, True, False)}
+# --cpu-fast compare: the CPU variants of a plugin trainer, as (cpu_bf16, cpu_channels_last, cpu_compile,
+# cpu_norm_by_group_norm); "fp32" is the standard layout, the float32 default is "fp32-cl" (channels-last with the
+# instance norms computed by group_norm), "fp32-cl-inorm" the channels-last default until 2026-12-04
+CPU_VARIANTS = {"fp32": (False, False, False, True), "fp32-cl": (False, True, False, True),
+                "fp32-cl-inorm": (False, True, False, False), "fp32-compile": (False, False, True, True),
+                "fp32-cl-compile": (False, True, True, True), "bf16": (True, True, False, True)}
 
 
 def _build(trainer_name: str, dataset: str, configuration: str, plans: str, device: torch.device,
@@ -38,7 +40,7 @@ def _build(trainer_name: str, dataset: str, configuration: str, plans: str, devi
     if cpu_bf16 is not None and isinstance(tr, CPUFastPathMixin):
         tr.cpu_bf16 = cpu_bf16  # before on_train_start -> initialize, where the fast path is set up
     if variant is not None and isinstance(tr, CPUFastPathMixin):
-        tr.cpu_bf16, tr.cpu_channels_last, tr.cpu_compile = variant
+        tr.cpu_bf16, tr.cpu_channels_last, tr.cpu_compile, tr.cpu_norm_by_group_norm = variant
     tr.num_epochs = max(tr.num_epochs, 1)
     tr.on_train_start()
     tr.on_epoch_start()
@@ -57,7 +59,8 @@ def _precision(tr, dev: torch.device) -> str:
     if getattr(tr, "cpu_fast_path", False):
         return "bf16"
     from torch._dynamo import OptimizedModule
-    return "fp32" + ("-cl" if getattr(tr, "cpu_channels_last_on", False) else "") + (
+    cl = getattr(tr, "cpu_channels_last_on", False)
+    return "fp32" + ("-cl" if cl else "") + ("-inorm" if cl and not tr.cpu_norm_by_group_norm else "") + (
         "-compile" if isinstance(getattr(tr, "network", None), OptimizedModule) else "")
 
 

@@ -22,7 +22,9 @@ from nnunet_ssl.nnunet import cpu_fast
 from nnunet_ssl.nnunet.cpu_fast import (
     ENV_VAR,
     Float32Loss,
+    InstanceNorm3dByGroupNorm,
     cpu_supports_bf16,
+    instance_norms_by_group_norm,
     resolve_cpu_bf16,
 )
 
@@ -190,6 +192,9 @@ def test_finetune_fast_path_off_is_nnunets_float32_step(nnunet_dirs):
 def test_segmentation_fast_path_on(nnunet_dirs, cls):
     tr = _trainer(cls, cpu_bf16=True)
     assert all(w.is_contiguous(memory_format=torch.channels_last_3d) for w in _conv_weights(tr.network))
+    # bf16 keeps instance_norm (its group_norm kernel is slower in bf16)
+    norms = [m for m in tr.network.modules() if isinstance(m, torch.nn.InstanceNorm3d)]
+    assert norms and all(type(m) is torch.nn.InstanceNorm3d for m in norms)
     before = copy.deepcopy(tr.network.state_dict())
     seen, losses = [], []
     _record_forward(tr.network, seen)
@@ -359,6 +364,8 @@ def test_channels_last_float32_is_the_float32_step(nnunet_dirs):
     assert cl.cpu_channels_last is True
     assert all(w.is_contiguous(memory_format=torch.channels_last_3d) for w in _conv_weights(cl.network))
     assert not isinstance(cl.loss, Float32Loss) and not cl.cpu_fast_path
+    norms = [m for m in cl.network.modules() if isinstance(m, torch.nn.InstanceNorm3d)]
+    assert norms and all(type(m) is InstanceNorm3dByGroupNorm for m in norms)  # the layout-keeping kernel
     _assert_same_step(_step_and_grads(cl, _segmentation_batch()), _step_and_grads(eager, _segmentation_batch()), 1e-4)
     with open(cl.log_file) as log:
         assert "channels-last layout (cpu_channels_last)" in log.read()
@@ -367,6 +374,42 @@ def test_channels_last_float32_is_the_float32_step(nnunet_dirs):
         assert not cl.cpu_channels_last_on and not eager.cpu_channels_last_on
         mp.setenv("NNUNET_SSL_CPU_CHANNELS_LAST", "1")
         assert cl.cpu_channels_last_on and eager.cpu_channels_last_on
+
+
+@pytest.mark.parametrize("dims,affine", [(3, True), (3, False), (2, True)])
+def test_instance_norm_by_group_norm_equals_instance_norm(dims, affine):
+    """The group_norm form of an instance norm: output and gradients (input, weight, bias) equal nn.InstanceNorm's,
+    computed in float64 as the reference, within float32 rounding (rel 1e-5); a channels-last input stays
+    channels-last; state-dict keys unchanged; unbatched inputs and norms with running statistics keep
+    instance_norm."""
+    norm_cls = {3: torch.nn.InstanceNorm3d, 2: torch.nn.InstanceNorm2d}[dims]
+    fmt = {3: torch.channels_last_3d, 2: torch.channels_last}[dims]
+    shape = (2, 5) + (7, 6, 5)[:dims]
+    torch.manual_seed(0)
+    ref = norm_cls(5, affine=affine).double()
+    if affine:
+        with torch.no_grad():
+            ref.weight.uniform_(0.5, 1.5), ref.bias.normal_()
+    ours = copy.deepcopy(ref).float()
+    keys = list(ours.state_dict())
+    assert instance_norms_by_group_norm([torch.nn.Sequential(ours)]) == 1 and type(ours) is not norm_cls
+    assert list(ours.state_dict()) == keys
+    x = (torch.randn(shape, dtype=torch.float64) * 3 + 1).contiguous(memory_format=fmt)
+    grad = torch.randn(shape, dtype=torch.float64)
+    x_ref, x_ours = x.clone().requires_grad_(), x.float().contiguous(memory_format=fmt).requires_grad_()
+    y_ref, y_ours = ref(x_ref), ours(x_ours)
+    assert y_ours.is_contiguous(memory_format=fmt)
+    y_ref.backward(grad), y_ours.backward(grad.float())
+    torch.testing.assert_close(y_ours.double(), y_ref, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(x_ours.grad.double(), x_ref.grad, rtol=1e-5, atol=1e-5)
+    if affine:
+        for p_ours, p_ref in ((ours.weight, ref.weight), (ours.bias, ref.bias)):
+            torch.testing.assert_close(p_ours.grad.double(), p_ref.grad, rtol=1e-5, atol=1e-4)
+    unbatched = torch.randn(shape[1:])
+    torch.testing.assert_close(ours(unbatched), torch.nn.functional.instance_norm(
+        unbatched[None], weight=ours.weight, bias=ours.bias, eps=ours.eps)[0])
+    tracking = norm_cls(5, track_running_stats=True)
+    assert instance_norms_by_group_norm([tracking]) == 0 and type(tracking) is norm_cls
 
 
 @pytest.mark.slow

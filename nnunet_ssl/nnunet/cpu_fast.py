@@ -21,6 +21,7 @@ from collections.abc import Iterable, Iterator
 from contextlib import contextmanager, nullcontext
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 ENV_VAR = "NNUNET_SSL_CPU_BF16"
@@ -130,6 +131,45 @@ def set_memory_format(modules: Iterable[nn.Module], channels_last: bool) -> None
                 t.data = t.data.contiguous(memory_format=fmt if channels_last else torch.contiguous_format)
 
 
+class _InstanceNormByGroupNorm:
+    """Instance normalisation computed by torch's group_norm with one channel per group: the same statistics (per
+    sample and channel, over the spatial axes) and the same affine parameters, but the CPU group_norm kernel keeps a
+    channels-last input channels-last, where instance_norm copies it to the standard layout (and the next
+    convolution copies it back), forward and backward. Only for instance norms that normalise with the sample's
+    own statistics in training and evaluation (``track_running_stats=False``, nnU-Net's setting)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() != self._batched_dim:  # unbatched input: instance_norm's own handling
+            return super().forward(x)
+        return F.group_norm(x, x.shape[1], self.weight, self.bias, self.eps)
+
+
+class InstanceNorm2dByGroupNorm(_InstanceNormByGroupNorm, nn.InstanceNorm2d):
+    _batched_dim = 4
+
+
+class InstanceNorm3dByGroupNorm(_InstanceNormByGroupNorm, nn.InstanceNorm3d):
+    _batched_dim = 5
+
+
+_BY_GROUP_NORM = {nn.InstanceNorm2d: InstanceNorm2dByGroupNorm, nn.InstanceNorm3d: InstanceNorm3dByGroupNorm}
+
+
+def instance_norms_by_group_norm(modules: Iterable[nn.Module]) -> int:
+    """Switch every plain nn.InstanceNorm2d/3d without running statistics in ``modules`` to its group_norm form
+    (in place: the class changes, parameters, buffers and state-dict keys stay). Returns how many were switched.
+    For channels-last float32 on CPU; in bf16 the group_norm kernel is ~2x slower than instance_norm's, so the
+    bf16 path keeps instance_norm."""
+    n = 0
+    for module in modules:
+        for m in module.modules():
+            by_group_norm = _BY_GROUP_NORM.get(type(m))
+            if by_group_norm is not None and not m.track_running_stats:
+                m.__class__ = by_group_norm
+                n += 1
+    return n
+
+
 def _outputs_to_float(output):
     if isinstance(output, (list, tuple)):
         return type(output)(_outputs_to_float(o) for o in output)
@@ -173,6 +213,8 @@ class CPUFastPathMixin:
     # float32 on CPU in channels-last layout (bf16 always is: oneDNN's bf16 kernels want it); env ..._CHANNELS_LAST
     cpu_channels_last: bool = True
     cpu_compile: bool = False  # torch.compile the segmentation network on CPU; env NNUNET_SSL_CPU_COMPILE
+    # channels-last float32: instance norms by group_norm, which keeps the layout (instance_norm copies)
+    cpu_norm_by_group_norm: bool = True
 
     @property
     def cpu_fast_path(self) -> bool:
@@ -213,9 +255,12 @@ class CPUFastPathMixin:
         self.print_to_log_file(f"CPU fast path (bf16 autocast + channels-last): {'on' if on else 'off'} "
                                f"({self._cpu_fast_path_reason})")
         if self.cpu_channels_last_on:
+            modules = [m for m in self.cpu_fast_path_modules() if m is not None]
             if not on:
-                self.print_to_log_file("CPU float32 in channels-last layout (cpu_channels_last)")
-            set_memory_format([m for m in self.cpu_fast_path_modules() if m is not None], channels_last=True)
+                n = instance_norms_by_group_norm(modules) if self.cpu_norm_by_group_norm else 0
+                self.print_to_log_file(f"CPU float32 in channels-last layout (cpu_channels_last); {n} instance "
+                                       f"norms computed by group_norm, which keeps that layout")
+            set_memory_format(modules, channels_last=True)
         if on and getattr(self, "loss", None) is not None and not isinstance(self.loss, Float32Loss):
             self.loss = Float32Loss(self.loss)
 
