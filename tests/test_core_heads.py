@@ -1,5 +1,6 @@
 import pytest
 import torch
+import torch.nn.functional as F
 
 from nnunet_ssl.core.heads import DenseProjectionHead, GlobalProjectionHead
 
@@ -62,6 +63,8 @@ def test_dense_head_shape_norm_grad(dim, spatial, hidden):
     torch.testing.assert_close(y.norm(dim=1), torch.ones(2, *spatial))
     y.sum().backward()
     assert x.grad is not None and x.grad.abs().sum() > 0
+    head.normalize = False  # the projection itself, for a loss that normalises what it reads
+    torch.testing.assert_close(F.normalize(head(x), dim=1), y)
 
 
 def test_dense_head_is_pointwise():

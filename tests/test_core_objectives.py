@@ -151,6 +151,32 @@ def _partial_overlap_batch(b=2, s=6, shift=2.0, c=4):
     return coords, valid, dense, torch.arange(b).repeat(2)
 
 
+def test_dense_loss_on_an_unnormalised_head_equals_the_normalised_one():
+    """Spade's dense head leaves normalisation to the loss (DenseProjectionHead(normalize=False)): the loss and the
+    gradients of the head's input and weights equal those through the normalising head (rel 1e-5 / 1e-4)."""
+    from nnunet_ssl.core.heads import DenseProjectionHead
+    b, s = 2, 6
+    coords, valid, _, sample = _partial_overlap_batch(b, s)
+    scale, offset = torch.full((2 * b, 3), 0.1), torch.zeros(2 * b, 3)
+    features = torch.randn(2 * b, 5, s, s, s)
+    results = []
+    for normalize in (True, False):
+        torch.manual_seed(1)
+        head = DenseProjectionHead(5, out_dim=8, hidden_dim=6, normalize=normalize)
+        x = features.clone().requires_grad_()
+        out = head(x)
+        assert torch.allclose(out.norm(dim=1), torch.ones(())) == normalize
+        loss, _ = dense_correspondence_loss(out, coords, valid, scale, offset, sample, (1, 1, 1), 40, 0.5, 0.25,
+                                            0.2, generator=torch.Generator().manual_seed(0))
+        loss.backward()
+        results.append((loss.detach(), x.grad, [p.grad for p in head.parameters()]))
+    (l1, gx1, gp1), (l2, gx2, gp2) = results
+    assert l1.item() == pytest.approx(l2.item(), rel=1e-5) and l1.item() > 0
+    torch.testing.assert_close(gx2, gx1, rtol=1e-4, atol=1e-6)
+    for a, c in zip(gp2, gp1):
+        torch.testing.assert_close(a, c, rtol=1e-4, atol=1e-6)
+
+
 def test_dense_loss_with_padding_slots_matches_compacted_reference():
     # a shifted view: only (s - shift)/s of the voxels of view a have a partner, so with num_samples = all voxels
     # most slots are padding; they must not enter any pair, the count statistics or the mean

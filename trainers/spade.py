@@ -55,7 +55,9 @@ class SpadePretrainTrainer(ContrastivePretrainTrainer):
         return nn.ModuleDict({
             "global": GlobalProjectionHead(self.feature_channels("bottleneck"), self.global_hidden_dim,
                                            self.global_out_dim),
-            "local": DenseProjectionHead(self.feature_channels("decoder"), self.local_out_dim, dim=dim),
+            # unnormalised map: dense_correspondence_loss normalises the voxels it samples (in float32)
+            "local": DenseProjectionHead(self.feature_channels("decoder"), self.local_out_dim, dim=dim,
+                                         normalize=False),
         })
 
     def pair_selection(self, batch):

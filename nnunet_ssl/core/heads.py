@@ -46,7 +46,11 @@ class GlobalProjectionHead(nn.Module):
 
 
 class DenseProjectionHead(nn.Module):
-    """Per-voxel projection via 1x1(x1) convolutions, L2-normalised over channels."""
+    """Per-voxel projection via 1x1(x1) convolutions, L2-normalised over channels.
+
+    ``normalize=False`` leaves the normalisation to a loss that reads only some voxels and normalises those
+    itself (Spade's dense loss: a few hundred sampled voxels of a map of tens of thousands); the loss and its
+    gradients are the same, since normalising twice is normalising once."""
 
     def __init__(
         self,
@@ -54,12 +58,14 @@ class DenseProjectionHead(nn.Module):
         out_dim: int = 64,
         hidden_dim: Optional[int] = None,
         dim: int = 3,
+        normalize: bool = True,
     ):
         super().__init__()
         if dim not in (2, 3):
             raise ValueError(f"dim must be 2 or 3, got {dim}")
         conv = nn.Conv3d if dim == 3 else nn.Conv2d
         self.dim = dim
+        self.normalize = normalize
         if hidden_dim:
             self.proj = nn.Sequential(
                 conv(in_channels, hidden_dim, kernel_size=1),
@@ -75,7 +81,8 @@ class DenseProjectionHead(nn.Module):
                 f"expected a (B, C, *spatial) tensor with {self.dim} spatial dims, "
                 f"got shape {tuple(feature_map.shape)}"
             )
-        return F.normalize(self.proj(feature_map), dim=1)
+        projected = self.proj(feature_map)
+        return F.normalize(projected, dim=1) if self.normalize else projected
 
 
 class LocationConditionedHead(nn.Module):
