@@ -41,6 +41,14 @@ class nnUNetTrainerFinetune_cpu_120ep_cl(nnUNetTrainerFinetune_cpu_120ep):
     cpu_channels_last = True
 
 
+class nnUNetTrainerFinetune_cpu_120ep_gn(nnUNetTrainerFinetune_cpu_120ep):
+    """3000 iterations in the float32 default since 2026-12-04 (channels-last, instance norms computed by
+    group_norm): its own cell name, for the paired Dice check against the committed cells of the standard layout
+    (nnUNetTrainerFinetune_cpu_120ep, then the default) and of channels-last with instance_norm (..._cl)."""
+    cpu_channels_last = True
+    cpu_norm_by_group_norm = True
+
+
 # ---- Spade pretraining: length, selection radii, temperature
 class SpadePretrainTrainer_cpu_80ep(SpadePretrainTrainer_cpu):
     """Twice the pretraining: 80 x 25 iterations."""
