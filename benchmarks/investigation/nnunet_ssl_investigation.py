@@ -49,6 +49,12 @@ class nnUNetTrainerFinetune_cpu_120ep_gn(nnUNetTrainerFinetune_cpu_120ep):
     cpu_norm_by_group_norm = True
 
 
+class nnUNetTrainerFinetune_cpu_120ep_std(nnUNetTrainerFinetune_cpu_120ep):
+    """3000 iterations in the standard-layout float32 path (the float32 default until 2026-12-03): the reference of
+    that paired check, for seeds without a committed standard-layout cell."""
+    cpu_channels_last = False
+
+
 # ---- Spade pretraining: length, selection radii, temperature
 class SpadePretrainTrainer_cpu_80ep(SpadePretrainTrainer_cpu):
     """Twice the pretraining: 80 x 25 iterations."""
