@@ -144,7 +144,7 @@ def trainer_settings(trainer: str) -> Dict[str, str]:
 # numbers (memory layout, compilation: tests/test_cpu_fast.py; the nearest-voxel search:
 # tests/test_core_correspondence.py), never what is trained; and instance slots that classes declare as None
 NOT_TRAINING_SETTINGS = frozenset({"benchmark_name", "logged_terms", "progress_plot_every", "save_every",
-                                   "host_only_batch_keys", "cpu_channels_last", "cpu_compile", "cpu_norm_by_group_norm",
+                                   "host_only_batch_keys", "cpu_channels_last", "cpu_compile", "cpu_channels_last_norm",
                                    "local_match_search",
                                    "global_queue", "queue", "step_generator"})
 

@@ -24,11 +24,13 @@ GOAL_LOADER_RATIO = 0.45  # two-view loader >= 0.45 x the standard loader's batc
 
 
 # --cpu-fast compare: the CPU variants of a plugin trainer, as (cpu_bf16, cpu_channels_last, cpu_compile,
-# cpu_norm_by_group_norm); "fp32" is the standard layout, the float32 default is "fp32-cl" (channels-last with the
-# instance norms computed by group_norm), "fp32-cl-inorm" the channels-last default until 2026-12-04
-CPU_VARIANTS = {"fp32": (False, False, False, True), "fp32-cl": (False, True, False, True),
-                "fp32-cl-inorm": (False, True, False, False), "fp32-compile": (False, False, True, True),
-                "fp32-cl-compile": (False, True, True, True), "bf16": (True, True, False, True)}
+# cpu_channels_last_norm); "fp32" is the standard layout, the float32 default is "fp32-cl" (channels-last, instance
+# norms that keep the layout), "fp32-cl-inorm" channels-last with torch's instance_norm (the default until
+# 2026-12-04), "fp32-cl-gn" with group_norm
+CPU_VARIANTS = {"fp32": (False, False, False, "precise"), "fp32-cl": (False, True, False, "precise"),
+                "fp32-cl-inorm": (False, True, False, "torch"), "fp32-cl-gn": (False, True, False, "group_norm"),
+                "fp32-compile": (False, False, True, "precise"), "fp32-cl-compile": (False, True, True, "precise"),
+                "bf16": (True, True, False, "precise")}
 
 
 def _build(trainer_name: str, dataset: str, configuration: str, plans: str, device: torch.device,
@@ -40,7 +42,7 @@ def _build(trainer_name: str, dataset: str, configuration: str, plans: str, devi
     if cpu_bf16 is not None and isinstance(tr, CPUFastPathMixin):
         tr.cpu_bf16 = cpu_bf16  # before on_train_start -> initialize, where the fast path is set up
     if variant is not None and isinstance(tr, CPUFastPathMixin):
-        tr.cpu_bf16, tr.cpu_channels_last, tr.cpu_compile, tr.cpu_norm_by_group_norm = variant
+        tr.cpu_bf16, tr.cpu_channels_last, tr.cpu_compile, tr.cpu_channels_last_norm = variant
     tr.num_epochs = max(tr.num_epochs, 1)
     tr.on_train_start()
     tr.on_epoch_start()
@@ -60,7 +62,8 @@ def _precision(tr, dev: torch.device) -> str:
         return "bf16"
     from torch._dynamo import OptimizedModule
     cl = getattr(tr, "cpu_channels_last_on", False)
-    return "fp32" + ("-cl" if cl else "") + ("-inorm" if cl and not tr.cpu_norm_by_group_norm else "") + (
+    norm = {"torch": "-inorm", "group_norm": "-gn"}.get(tr.cpu_channels_last_norm, "") if cl else ""
+    return "fp32" + ("-cl" if cl else "") + norm + (
         "-compile" if isinstance(getattr(tr, "network", None), OptimizedModule) else "")
 
 

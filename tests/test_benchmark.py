@@ -264,7 +264,7 @@ def test_changed_trainer_settings_are_named_and_a_stale_pretraining_is_refused(t
     brute = bm.trainer_settings("SpadePretrainTrainer_cpu_brute")
     assert brute["local_match_search"] == "'brute'" and plain["local_match_search"] == "'auto'"
     assert bm.changed_settings(brute, plain) == ""
-    assert bm.changed_settings({**plain, "cpu_norm_by_group_norm": "False"}, plain) == ""  # same step, other kernel
+    assert bm.changed_settings({**plain, "cpu_channels_last_norm": "'torch'"}, plain) == ""  # same step, other kernel
     assert bm.trainer_settings("nnUNetTrainerFinetune_cpu_120ep_lr3e3")["initial_lr"] == "0.003"
 
     # a pretraining kept in a work dir is checked against the settings its pretrain_time.json records, or, for a

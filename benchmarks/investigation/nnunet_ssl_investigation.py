@@ -42,11 +42,19 @@ class nnUNetTrainerFinetune_cpu_120ep_cl(nnUNetTrainerFinetune_cpu_120ep):
 
 
 class nnUNetTrainerFinetune_cpu_120ep_gn(nnUNetTrainerFinetune_cpu_120ep):
-    """3000 iterations in the float32 default since 2026-12-04 (channels-last, instance norms computed by
-    group_norm): its own cell name, for the paired Dice check against the committed cells of the standard layout
-    (nnUNetTrainerFinetune_cpu_120ep, then the default) and of channels-last with instance_norm (..._cl)."""
+    """3000 iterations in channels-last float32 with the instance norms computed by group_norm (fast, but ~1e-5
+    relative error per layer): the paired Dice check against the committed cells of the standard layout
+    (nnUNetTrainerFinetune_cpu_120ep, then the default, and ..._std) and of channels-last with instance_norm
+    (..._cl)."""
     cpu_channels_last = True
-    cpu_norm_by_group_norm = True
+    cpu_channels_last_norm = "group_norm"
+
+
+class nnUNetTrainerFinetune_cpu_120ep_clp(nnUNetTrainerFinetune_cpu_120ep):
+    """3000 iterations in the float32 default since 2026-12-04 (channels-last, the precise layout-keeping instance
+    norm) under its own cell name, for the same paired check."""
+    cpu_channels_last = True
+    cpu_channels_last_norm = "precise"
 
 
 class nnUNetTrainerFinetune_cpu_120ep_std(nnUNetTrainerFinetune_cpu_120ep):

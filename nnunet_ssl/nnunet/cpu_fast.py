@@ -131,41 +131,86 @@ def set_memory_format(modules: Iterable[nn.Module], channels_last: bool) -> None
                 t.data = t.data.contiguous(memory_format=fmt if channels_last else torch.contiguous_format)
 
 
-class _InstanceNormByGroupNorm:
-    """Instance normalisation computed by torch's group_norm with one channel per group: the same statistics (per
-    sample and channel, over the spatial axes) and the same affine parameters, but the CPU group_norm kernel keeps a
-    channels-last input channels-last, where instance_norm copies it to the standard layout (and the next
-    convolution copies it back), forward and backward. Only for instance norms that normalise with the sample's
-    own statistics in training and evaluation (``track_running_stats=False``, nnU-Net's setting)."""
+class _ChannelsLastInstanceNormFunction(torch.autograd.Function):
+    """Instance norm of a (N, C, *S) float32 tensor in whatever layout it has, output in the same layout. Statistics
+    from torch.var_mean (Welford), the backward from torch's sums: as precise as instance_norm (relative errors
+    ~1e-7 against float64, tests/test_cpu_fast.py), without instance_norm's copy to the standard layout."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, eps):
+        dims = tuple(range(2, x.dim()))
+        var, mean = torch.var_mean(x, dim=dims, keepdim=True, correction=0)
+        rstd = torch.rsqrt(var + eps)
+        per_channel = (1, -1) + (1,) * len(dims)
+        scale = rstd if weight is None else rstd * weight.view(per_channel)
+        shift = -mean * scale if bias is None else bias.view(per_channel) - mean * scale
+        ctx.save_for_backward(x, weight, mean, rstd)
+        ctx.has_bias = bias is not None
+        return torch.addcmul(shift, x, scale)  # takes x's layout
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, dy):
+        x, weight, mean, rstd = ctx.saved_tensors
+        dims = tuple(range(2, x.dim()))
+        n = x[0, 0].numel()
+        sum_dy = dy.sum(dims, keepdim=True)
+        sum_dy_xhat = ((dy * x).sum(dims, keepdim=True) - mean * sum_dy) * rstd  # sum of dy * normalised x
+        a = rstd if weight is None else rstd * weight.view((1, -1) + (1,) * len(dims))
+        # dx = a (dy - mean(dy) - xhat mean(dy xhat)), xhat = (x - mean) rstd: per-channel affine in x, plus a dy
+        coef_x = -a * rstd * sum_dy_xhat / n
+        dx = torch.addcmul(-a * sum_dy / n - coef_x * mean, x, coef_x).addcmul_(dy, a)
+        d_weight = sum_dy_xhat.sum(0).flatten() if weight is not None else None
+        d_bias = sum_dy.sum(0).flatten() if ctx.has_bias else None
+        return dx, d_weight, d_bias, None
+
+
+class _LayoutKeepingInstanceNorm:
+    """An instance norm whose channels-last float32 input stays channels-last: torch's instance_norm copies it to
+    the standard layout (and the next convolution copies it back), forward and backward. ``kernel``: 'precise'
+    (_ChannelsLastInstanceNormFunction) or 'group_norm' (torch's group_norm with one channel per group, the same
+    normalisation; its channels-last float32 kernel sums in one pass, ~1e-5 relative error per layer instead of
+    ~1e-7, gradients of a CPU-budget step ~1e-3 off float64: measured, not the default). Only for norms that
+    normalise with the sample's own statistics in training and evaluation (``track_running_stats=False``)."""
+
+    kernel = "precise"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.dim() != self._batched_dim:  # unbatched input: instance_norm's own handling
+        if x.dim() != self._batched_dim or x.dtype != torch.float32:  # e.g. unbatched: instance_norm's handling
             return super().forward(x)
-        return F.group_norm(x, x.shape[1], self.weight, self.bias, self.eps)
+        if self.kernel == "group_norm":
+            return F.group_norm(x, x.shape[1], self.weight, self.bias, self.eps)
+        return _ChannelsLastInstanceNormFunction.apply(x, self.weight, self.bias, self.eps)
 
 
-class InstanceNorm2dByGroupNorm(_InstanceNormByGroupNorm, nn.InstanceNorm2d):
+class LayoutKeepingInstanceNorm2d(_LayoutKeepingInstanceNorm, nn.InstanceNorm2d):
     _batched_dim = 4
 
 
-class InstanceNorm3dByGroupNorm(_InstanceNormByGroupNorm, nn.InstanceNorm3d):
+class LayoutKeepingInstanceNorm3d(_LayoutKeepingInstanceNorm, nn.InstanceNorm3d):
     _batched_dim = 5
 
 
-_BY_GROUP_NORM = {nn.InstanceNorm2d: InstanceNorm2dByGroupNorm, nn.InstanceNorm3d: InstanceNorm3dByGroupNorm}
+_LAYOUT_KEEPING = {nn.InstanceNorm2d: LayoutKeepingInstanceNorm2d, nn.InstanceNorm3d: LayoutKeepingInstanceNorm3d}
+CHANNELS_LAST_NORMS = ("precise", "group_norm", "torch")
 
 
-def instance_norms_by_group_norm(modules: Iterable[nn.Module]) -> int:
-    """Switch every plain nn.InstanceNorm2d/3d without running statistics in ``modules`` to its group_norm form
+def layout_keeping_instance_norms(modules: Iterable[nn.Module], kernel: str = "precise") -> int:
+    """Switch every plain nn.InstanceNorm2d/3d without running statistics in ``modules`` to its layout-keeping form
     (in place: the class changes, parameters, buffers and state-dict keys stay). Returns how many were switched.
-    For channels-last float32 on CPU; in bf16 the group_norm kernel is ~2x slower than instance_norm's, so the
-    bf16 path keeps instance_norm."""
+    ``kernel``: see _LayoutKeepingInstanceNorm; 'torch' switches nothing. For channels-last float32 on CPU (the bf16
+    path keeps instance_norm, whose bf16 kernel is the faster one there)."""
+    if kernel not in CHANNELS_LAST_NORMS:
+        raise ValueError(f"cpu_channels_last_norm must be one of {CHANNELS_LAST_NORMS}, got {kernel!r}")
+    if kernel == "torch":
+        return 0
     n = 0
     for module in modules:
         for m in module.modules():
-            by_group_norm = _BY_GROUP_NORM.get(type(m))
-            if by_group_norm is not None and not m.track_running_stats:
-                m.__class__ = by_group_norm
+            keeping = _LAYOUT_KEEPING.get(type(m))
+            if keeping is not None and not m.track_running_stats:
+                m.__class__ = keeping
+                m.kernel = kernel
                 n += 1
     return n
 
@@ -213,8 +258,9 @@ class CPUFastPathMixin:
     # float32 on CPU in channels-last layout (bf16 always is: oneDNN's bf16 kernels want it); env ..._CHANNELS_LAST
     cpu_channels_last: bool = True
     cpu_compile: bool = False  # torch.compile the segmentation network on CPU; env NNUNET_SSL_CPU_COMPILE
-    # channels-last float32: instance norms by group_norm, which keeps the layout (instance_norm copies)
-    cpu_norm_by_group_norm: bool = True
+    # channels-last float32: how instance norms are computed; 'precise' and 'group_norm' keep the layout, 'torch'
+    # (instance_norm) copies to the standard layout and back (layout_keeping_instance_norms)
+    cpu_channels_last_norm: str = "precise"
 
     @property
     def cpu_fast_path(self) -> bool:
@@ -257,9 +303,9 @@ class CPUFastPathMixin:
         if self.cpu_channels_last_on:
             modules = [m for m in self.cpu_fast_path_modules() if m is not None]
             if not on:
-                n = instance_norms_by_group_norm(modules) if self.cpu_norm_by_group_norm else 0
+                n = layout_keeping_instance_norms(modules, self.cpu_channels_last_norm)
                 self.print_to_log_file(f"CPU float32 in channels-last layout (cpu_channels_last); {n} instance "
-                                       f"norms computed by group_norm, which keeps that layout")
+                                       f"norms keep that layout ({self.cpu_channels_last_norm})")
             set_memory_format(modules, channels_last=True)
         if on and getattr(self, "loss", None) is not None and not isinstance(self.loss, Float32Loss):
             self.loss = Float32Loss(self.loss)
