@@ -189,6 +189,16 @@ class SpadePretrainTrainer_cpu_brute(SpadePretrainTrainer_cpu):
     local_match_search = "brute"
 
 
+class SpadePretrainTrainer_cpu_headnorm(SpadePretrainTrainer_cpu):
+    """The dense head normalising its whole map, as before the loss took that over (the same loss and gradients):
+    timed against it (bench-speed)."""
+
+    def build_heads(self):
+        heads = super().build_heads()
+        heads["local"].normalize = True
+        return heads
+
+
 # ---- Spade's global branch with a queue of negatives (a batch of 4 crops x 2 views has ~2 negatives per anchor)
 class SpadePretrainTrainer_cpu_queue(SpadePretrainTrainer_cpu):
     """Global queue of the last 256 online embeddings (32 steps), detached: a memory bank."""
