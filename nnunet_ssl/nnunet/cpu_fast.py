@@ -173,7 +173,7 @@ class _LayoutKeepingInstanceNorm:
     the standard layout (and the next convolution copies it back), forward and backward. ``kernel``: 'precise'
     (_ChannelsLastInstanceNormFunction) or 'group_norm' (torch's group_norm with one channel per group, the same
     normalisation; its channels-last float32 kernel sums in one pass, ~1e-5 relative error per layer instead of
-    ~1e-7, gradients of a CPU-budget step ~1e-3 off float64: measured, not the default). Only for norms that
+    ~1e-7, weight gradients of a CPU-budget step ~1e-3 off float64: measured, not the default). Only for norms that
     normalise with the sample's own statistics in training and evaluation (``track_running_stats=False``)."""
 
     kernel = "precise"
