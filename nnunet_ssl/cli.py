@@ -206,8 +206,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "compare (each such trainer in float32 and bf16, interleaved)")
     s.add_argument("--cpu-fast", nargs="+", default=None, metavar="VARIANT",
                    help="CPU variants of each plugin trainer, interleaved: 'compare' (all) or some of fp32, fp32-cl "
-                        "(channels-last, the float32 default), fp32-cl-inorm (channels-last with torch's instance_norm), fp32-cl-gn (with group_norm), "
-                        "fp32-compile (torch.compile), fp32-cl-compile, bf16")
+                        "(channels-last, the float32 default), fp32-cl-inorm (channels-last with torch's "
+                        "instance_norm), fp32-cl-gn (with group_norm), fp32-compile (torch.compile), fp32-cl-compile, "
+                        "bf16")
     s.add_argument("--json", default=None, help="also write the report here")
     s.set_defaults(func=_cmd_bench_speed)
 

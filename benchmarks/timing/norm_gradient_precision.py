@@ -4,7 +4,7 @@ the same network in float64 and the standard layout. Real batches of a preproces
 checkpoint's weights (realistic activations) instead of the initial ones.
 
     nnUNet_preprocessed=... nnUNet_results=/tmp/r nnUNet_n_proc_DA=0 \\
-        python benchmarks/timing/norm_gradient_precision.py -d 4 -p nnUNetPlansCPUWide [--checkpoint checkpoint_final.pth]
+        python benchmarks/timing/norm_gradient_precision.py -d 4 -p nnUNetPlansCPUWide [--checkpoint CHECKPOINT]
 """
 import argparse
 import copy

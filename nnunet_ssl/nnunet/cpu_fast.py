@@ -9,7 +9,9 @@ Setting, strongest first: the environment variable ``NNUNET_SSL_CPU_BF16`` (0/1)
 
 Two float32 options for CPUs without bf16, measured side by side by ``nnunet-ssl bench-speed --cpu-fast compare``:
 channels-last layout without bf16 (``cpu_channels_last`` / ``NNUNET_SSL_CPU_CHANNELS_LAST``; default on: oneDNN's
-float32 convolutions are 1.1-1.3x faster in it, the step equal within 1e-4, Dice unchanged in a paired check) and
+float32 convolutions are faster in it, and instance norms that keep the layout (``cpu_channels_last_norm``) save
+instance_norm's copies: CPU-budget steps 1.3-1.6x faster, the step equal within 1e-4, Dice unchanged in a paired
+check) and
 ``torch.compile`` of the segmentation network on CPU (``cpu_compile`` / ``NNUNET_SSL_CPU_COMPILE``; nnU-Net itself
 never compiles on CPU; default off: slower than channels-last alone on the CPU budget).
 """
