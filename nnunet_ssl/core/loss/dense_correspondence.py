@@ -20,13 +20,13 @@ def dense_correspondence_loss(dense: Tensor, coords: Tensor, valid: Tensor, cano
     """Voxel-level contrast between the two views of each crop (Spade's local, equivariant branch).
 
     dense (N,C,*S') features (normalised here, per sampled voxel: the map need not be) whose voxel i sits at input
-    position ``scale * i + offset`` (``grid`` = (scale, offset) from ``feature_grid`` of the network's convolutions; a plain stride tuple means offset 0, the
-    centre of nnU-Net's odd-kernel, same-padded convolutions); coords (N,3,*S) preprocessed voxel coordinates of
-    every input voxel and valid (N,*S) from the loader. Up to ``num_samples`` voxels of view a
-    per crop are matched to the exactly corresponding feature voxel of view b (nearest in coordinates, within
-    ``tolerance`` feature voxels). Positive: that voxel. Negatives: all other sampled voxels (both views, all
-    crops) whose canonical distance exceeds ``r_neg``; nearer ones are excluded. ``search``: how the nearest voxel
-    is found (``sample_correspondences``; the same pairs either way).
+    position ``scale * i + offset`` (``grid`` = (scale, offset) from ``feature_grid`` of the network's convolutions;
+    a plain stride tuple means offset 0, the centre of nnU-Net's odd-kernel, same-padded convolutions); coords
+    (N,3,*S) preprocessed voxel coordinates of every input voxel and valid (N,*S) from the loader. Up to
+    ``num_samples`` voxels of view a per crop are matched to the exactly corresponding feature voxel of view b
+    (nearest in coordinates, within ``tolerance`` feature voxels). Positive: that voxel. Negatives: all other
+    sampled voxels (both views, all crops) whose canonical distance exceeds ``r_neg``; nearer ones are excluded.
+    ``search``: how the nearest voxel is found (``sample_correspondences``; the same pairs either way).
 
     Padding slots (crops with fewer matches than ``num_samples``) stay in the fixed-size (2*B*K) layout and are
     masked out of every pair, rather than removed by boolean indexing: the shapes never depend on the data, so
