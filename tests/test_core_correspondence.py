@@ -461,8 +461,8 @@ def test_window_search_falls_back_where_no_affine_fit_helps():
     assert _window_nearest(grid[:, :10], grid, v, shape, 1.0) is not None
     none = v.clone()
     none[1] = False  # a view without any valid voxel: a dummy fit, never a match, the window kept for the others
-    nn_idx, has_b = _window_nearest(grid[:, :10], grid, none, shape, 1.0)
-    assert has_b[0].all() and not has_b[1].any() and torch.equal(nn_idx[0], torch.arange(10))
+    nn_idx, d2 = _window_nearest(grid[:, :10], grid, none, shape, 1.0)
+    assert (d2[0] == 0).all() and torch.isinf(d2[1]).all() and torch.equal(nn_idx[0], torch.arange(10))
     collapsed = torch.zeros_like(grid) + 5.0  # every voxel shows one point: an affine fit with A = 0
     assert _window_nearest(collapsed[:, :10], collapsed, v, shape, 1.0) is None
     out = sample_correspondences(collapsed.transpose(1, 2).reshape(2, 3, *shape), v.reshape(2, *shape),

@@ -79,64 +79,66 @@ def sample_correspondences(
         raise ValueError(f"num_samples must be >= 0, got {num_samples}")
     if search not in ("auto", "brute", "window"):
         raise ValueError(f"search must be 'auto', 'brute' or 'window', got {search!r}")
-    device = coords_a.device
     bsz = coords_a.shape[0]
+    return match_voxels(_flatten_coords(coords_a), valid_a.reshape(bsz, -1), _flatten_coords(coords_b),
+                        valid_b.reshape(bsz, -1), tuple(coords_b.shape[2:]), num_samples, tolerance, generator,
+                        candidate_factor, search)
+
+
+def match_voxels(pa: Tensor, va: Tensor, pb: Tensor, vb: Tensor, shape: Tuple[int, ...], num_samples: int,
+                 tolerance: float, generator: Optional[torch.Generator] = None,
+                 candidate_factor: Optional[float] = 4.0, search: str = "auto") -> Dict[str, Tensor]:
+    """``sample_correspondences`` on flat views: positions pa, pb (B, V, 3) and validity va, vb (B, V) of views
+    whose voxels lie on the grid ``shape`` (row-major, V = prod(shape)); the same result, without the checks and
+    the layout change (the dense loss lays out the positions of all its views once)."""
+    device = pa.device
+    bsz = pa.shape[0]
     k = num_samples
-
-    # float32 throughout: coordinates must stay exact to well below a voxel.
-    pa = _flatten_coords(coords_a)
-    pb = _flatten_coords(coords_b)
-    va = valid_a.reshape(bsz, -1).to(device=device, dtype=torch.bool)
-    vb = valid_b.reshape(bsz, -1).to(device=device, dtype=torch.bool)
     n = pa.shape[1]
-
-    # Invalid voxels may hold arbitrary (even non-finite) coordinates; neutralise them.
-    pa = torch.where(va[..., None], pa, torch.zeros_like(pa))
-    pb = torch.where(vb[..., None], pb, torch.zeros_like(pb))
-    # Centre both views on a shared per-item offset: the matmul distance expansion
-    # below loses precision with large absolute coordinates.
-    offset = pa.sum(dim=1, keepdim=True) / va.sum(dim=1).clamp_min(1)[:, None, None]
-    pa = pa - offset
-    pb = pb - offset
-
-    # Python-scalar fills: a tensor made from a Python number would be copied to the device (a synchronisation)
-    lo = torch.where(vb[..., None], pb, float("inf")).amin(dim=1, keepdim=True) - tolerance
-    hi = torch.where(vb[..., None], pb, float("-inf")).amax(dim=1, keepdim=True) + tolerance
+    va = va.to(device=device, dtype=torch.bool)
+    vb = vb.to(device=device, dtype=torch.bool)
+    # float32 throughout: coordinates must stay exact to well below a voxel. Invalid voxels may hold arbitrary (even
+    # non-finite) coordinates: view a's are zeroed, view b's are set infinitely far (never nearest, never within
+    # tolerance) and zeroed for the fit of the window search. Python-scalar fills: a tensor made from a Python
+    # number would be copied to the device (a synchronisation)
+    pa = torch.where(va[..., None], pa.float(), 0.0)
+    pb_far = torch.where(vb[..., None], pb.float(), float("inf"))
+    lo = pb_far.amin(dim=1, keepdim=True) - tolerance
+    hi = torch.where(vb[..., None], pb_far, float("-inf")).amax(dim=1, keepdim=True) + tolerance
     eligible = va & ((pa >= lo) & (pa <= hi)).all(dim=-1)
 
-    # Random candidate subset: topk of random scores, ineligible voxels pushed below.
+    # Random candidate subset: topk of random scores, ineligible voxels pushed below (the set is what is random,
+    # so the top-k need not be sorted).
     m = n if candidate_factor is None else min(n, max(k, int(math.ceil(candidate_factor * k))))
     scores = torch.rand(bsz, n, generator=generator, device=device)
     scores = scores.masked_fill(~eligible, -1.0)
-    cand_score, cand_idx = scores.topk(m, dim=1)
+    cand_score, cand_idx = scores.topk(m, dim=1, sorted=False)
     cand_ok = cand_score >= 0
     cand_pos = torch.gather(pa, 1, cand_idx[..., None].expand(-1, -1, 3))  # (B, M, 3)
 
     found = None
     if search == "window" or (search == "auto" and device.type == "cpu"):
-        found = _window_nearest(cand_pos, pb, vb, tuple(coords_b.shape[2:]), tolerance)
+        found = _window_nearest(cand_pos, torch.where(vb[..., None], pb_far, 0.0), vb, shape, tolerance)
     if found is not None:
-        nn_idx, has_b = found  # has_b (B, M): the candidate's box held a valid b voxel
+        nn_idx, d2 = found
     else:
-        nn_idx = _brute_nearest(cand_pos, pb, vb)
-        has_b = vb.any(dim=1, keepdim=True)
-    # Exact distance for the chosen pair (the expansion is only used to rank).
-    nn_pos = torch.gather(pb, 1, nn_idx[..., None].expand(-1, -1, 3))
-    dist = (cand_pos - nn_pos).norm(dim=-1)
-    match = cand_ok & has_b & (dist <= tolerance)
+        nn_idx = _brute_nearest(cand_pos, pb_far, vb)
+        # the exact distance of the chosen pair (the expansion is only used to rank); infinite for an invalid voxel
+        nn_pos = torch.gather(pb_far, 1, nn_idx[..., None].expand(-1, -1, 3))
+        d2 = (cand_pos - nn_pos).square_().sum(dim=-1)
+    dist = d2.sqrt_()
+    match = cand_ok & (dist <= tolerance)
 
     # Uniform random choice of K matches among the candidates.
     kk = min(k, m)
     scores2 = torch.rand(bsz, m, generator=generator, device=device).masked_fill(~match, -1.0)
     sel_score, sel = scores2.topk(kk, dim=1)
     mask = sel_score >= 0
-    index_a = torch.gather(cand_idx, 1, sel)
-    index_b = torch.gather(nn_idx, 1, sel)
-    distance = torch.gather(dist, 1, sel)
-    zero_l = torch.zeros_like(index_a)
-    index_a = torch.where(mask, index_a, zero_l)
-    index_b = torch.where(mask, index_b, zero_l)
-    distance = torch.where(mask, distance, torch.zeros_like(distance))
+    # padding slots hold index 0 and distance 0
+    picked = torch.gather(torch.stack((cand_idx, nn_idx), -1), 1, sel[..., None].expand(-1, -1, 2))
+    picked = torch.where(mask[..., None], picked, 0)
+    index_a, index_b = picked.unbind(-1)
+    distance = torch.where(mask, torch.gather(dist, 1, sel), 0.0)
     if kk < k:
         pad = k - kk
         index_a = F.pad(index_a, (0, pad))
@@ -146,11 +148,17 @@ def sample_correspondences(
     return {"index_a": index_a, "index_b": index_b, "mask": mask, "distance": distance}
 
 
-def _brute_nearest(cand_pos: Tensor, pb: Tensor, vb: Tensor) -> Tensor:
-    """Flat index of the nearest valid b voxel of every candidate, from all of view b: (B, M)."""
+def _brute_nearest(cand_pos: Tensor, pb_far: Tensor, vb: Tensor) -> Tensor:
+    """Flat index of the nearest valid b voxel of every candidate, from all of view b: (B, M). pb_far: view b's
+    positions, infinite at invalid voxels."""
     # Rank b voxels by |b|^2 - 2<a, b> (the |a|^2 term is constant per row), in one (B, M, Sb) buffer; float32 even
     # under autocast, since half precision cannot resolve voxel coordinates.
     with torch.autocast(device_type=cand_pos.device.type, enabled=False):
+        # both views centred on the mean valid b position: the expansion loses precision with large coordinates
+        pb = torch.where(vb[..., None], pb_far, 0.0)
+        centre = pb.sum(dim=1, keepdim=True) / vb.sum(dim=1).clamp_min(1)[:, None, None]
+        pb = torch.where(vb[..., None], pb - centre, 0.0)
+        cand_pos = cand_pos - centre
         # invalid b voxels get +inf in the per-column |b|^2 term (their coordinates are zeroed, so the product
         # term stays finite): cheaper than masking the whole (B, M, Sb) buffer afterwards
         norm_b = pb.pow(2).sum(-1).masked_fill(~vb, float("inf"))
@@ -168,6 +176,21 @@ def _index_rows(shape: Tuple[int, ...], device: torch.device) -> Tensor:
     return torch.stack(torch.meshgrid(*axes, indexing="ij") + (ones,), dim=-1).reshape(-1, len(shape) + 1)
 
 
+@functools.lru_cache(maxsize=8)
+def _halo_layout(shape: Tuple[int, ...], halo: Tuple[int, ...], device: torch.device) -> Tuple[Tensor, Tensor, Tensor]:
+    """A grid ``shape`` padded by ``halo`` voxels on both sides of each axis: the row-major strides of the padded
+    grid (nd,) float64, the flat offsets of a box of halo + 1 voxels per axis from its first corner (W,), and each
+    padded voxel's flat index in the unpadded grid (0 in the halo), all read-only."""
+    padded = [n + 2 * h for n, h in zip(shape, halo)]
+    strides = [math.prod(padded[d + 1:]) for d in range(len(shape))]
+    box = torch.zeros((), dtype=torch.long, device=device)
+    for d, h in enumerate(halo):
+        box = box[..., None] + torch.arange(h + 1, device=device) * strides[d]
+    original = F.pad(torch.arange(math.prod(shape), device=device).view(shape),
+                     [h for h in reversed(halo) for _ in range(2)])
+    return (torch.tensor(strides, dtype=torch.float64, device=device), box.reshape(-1), original.reshape(-1))
+
+
 def _window_nearest(cand_pos: Tensor, pb: Tensor, vb: Tensor, shape: Tuple[int, ...],
                     tolerance: float) -> Optional[Tuple[Tensor, Tensor]]:
     """The nearest valid b voxel of every candidate among those that can lie within ``tolerance`` of it, or None
@@ -175,11 +198,14 @@ def _window_nearest(cand_pos: Tensor, pb: Tensor, vb: Tensor, shape: Tuple[int, 
 
     View b's coordinates are fitted by an affine map of the voxel index, c(j) ~ A j + c0 (least squares over the
     valid voxels; exact for nnU-Net's rotations, scalings and mirrorings), with largest residual r. A valid voxel j
-    within ``tolerance`` of a candidate p then has |A (j - u)| <= tolerance + r, u = A+ (p - c0), hence
-    |j_d - u_d| <= (tolerance + r) * |row d of A+| =: R_d: the box of floor(2 R_d) + 1 indices from ceil(u_d - R_d)
-    holds every such voxel, so the nearest valid voxel in the box is the nearest of view b whenever one lies within
-    tolerance (the only case that is used). Elastic deformation only widens the box through r. Returns the flat
-    indices (B, M) and whether the box held a valid voxel (B, M)."""
+    within ``tolerance`` of a candidate p then has |A (j - u)| <= tolerance + r, u = A^-1 (p - c0) (any invertible
+    A: r is measured, not assumed), hence |j_d - u_d| <= (tolerance + r) * |row d of A^-1| =: R_d: the box of
+    L_d = floor(2 R_d) + 1 indices from ceil(u_d - R_d) holds every such voxel, so the nearest valid voxel in the box
+    is the nearest of view b whenever one lies within tolerance (the only case that is used). Elastic deformation
+    only widens the box through r. View b is padded by L_d - 1 invalid voxels per side, so that every box, its
+    first corner clamped into the padded grid, is one fixed set of flat offsets (a clamped box still holds every
+    voxel of the view its unclamped box held). pb (B, Sb, 3): view b's positions, zero at invalid voxels. Returns the
+    flat indices (B, M) and the squared distances (B, M), infinite where the box held no valid voxel."""
     bsz, m = cand_pos.shape[:2]
     nd = len(shape)
     sb = pb.shape[1]
@@ -191,48 +217,41 @@ def _window_nearest(cand_pos: Tensor, pb: Tensor, vb: Tensor, shape: Tuple[int, 
         w = vb.to(torch.float64)[..., None]  # (B, Sb, 1)
         y = pb.to(torch.float64)
         xw_t = (x[None] * w).transpose(1, 2)  # (B, nd+1, Sb)
-        gram = xw_t @ x  # (B, nd+1, nd+1)
-        # a fit needs valid voxels spanning every axis; a view without any valid voxel gets a dummy fit (it never
-        # matches: its box holds no valid voxel)
-        eig = torch.linalg.eigvalsh(gram)
-        empty = ~vb.any(dim=1)
-        if bool(((eig[:, 0] <= 1e-9 * eig[:, -1].clamp_min(1e-30)) & ~empty).any()):
-            return None  # the valid voxels of some view lie on a plane or a line: no affine fit
-        gram = torch.where(empty[:, None, None], torch.eye(nd + 1, device=dev, dtype=torch.float64), gram)
-        params = torch.linalg.solve(gram, xw_t @ y)  # (B, nd+1, 3)
-        dummy = torch.eye(nd + 1, 3, device=dev, dtype=torch.float64)
-        dummy[nd] = 0
-        params = torch.where(empty[:, None, None], dummy, params)
+        # a view without any valid voxel gets a dummy fit (it never matches: its boxes hold no valid voxel); valid
+        # voxels on a plane or a line make the fit singular: brute force then
+        empty = ~vb.any(dim=1)[:, None, None]
+        eye = torch.eye(nd + 1, device=dev, dtype=torch.float64)
+        params, fit_info = torch.linalg.solve_ex(torch.where(empty, eye, xw_t @ x), xw_t @ y)  # (B, nd+1, 3)
+        params = torch.where(empty, eye[:, :3], params)
         resid = ((x @ params).sub_(y).norm(dim=-1) * w[..., 0]).amax(dim=1)  # (B,) over valid voxels
         a = params[:, :nd].transpose(1, 2)  # (B, 3, nd)
         a_pinv, info = torch.linalg.solve_ex(a.transpose(1, 2) @ a, a.transpose(1, 2))  # (B, nd, 3)
-        if bool((info != 0).any()):
-            return None  # some view's positions collapse onto a plane or a point: no box from the fit
         # (a hair wider than the bound: rounding in the fit and in u must not drop a voxel on the box's edge)
         radius = (tolerance + resid + 1e-4)[:, None] * a_pinv.norm(dim=-1) + 1e-6  # (B, nd)
         length = (torch.floor(2 * radius) + 1).amax(dim=0)  # (nd,) one box size for the batch
-        if not bool(torch.isfinite(length).all()) or float(length.prod()) * 4 > sb:
+        # one read on the host for every decision
+        *length, failed = torch.cat((length, (fit_info.ne(0) | info.ne(0)).any()[None].double())).tolist()
+        if failed or not all(math.isfinite(v) for v in length) or math.prod(length) * 4 > sb:
             return None
-        length = [int(v) for v in length.tolist()]
+        halo = tuple(int(v) - 1 for v in length)
+        strides, box, original = _halo_layout(tuple(shape), halo, dev)
         u = (cand_pos.to(torch.float64) - params[:, nd][:, None, :]) @ a_pinv.transpose(1, 2)  # (B, M, nd)
-        # the integers within R_d of u_d start at ceil(u_d - R_d) and are at most floor(2 R_d) + 1
-        start = torch.ceil(u - radius[:, None, :]).long()
-        # the box's flat indices in row-major order (ties go to the lowest flat index, as with brute force), built
-        # per axis and broadcast; indices past the view's edge are clamped onto it: they repeat real voxels, which
-        # cannot change which one is nearest
-        flat = None
-        for d in range(nd):
-            j_d = (start[..., d, None] + torch.arange(length[d], device=dev)).clamp_(0, shape[d] - 1)
-            j_d = j_d * math.prod(shape[d + 1:])
-            flat = j_d if flat is None else flat[..., None] + j_d.view(bsz, m, *([1] * d), length[d])
-        flat = flat.reshape(bsz, -1)  # (B, M*W)
-        pos = torch.gather(pb, 1, flat[..., None].expand(-1, -1, 3)).view(bsz, m, -1, 3)
-        d2 = (pos - cand_pos[:, :, None, :]).square_().sum(dim=-1)
-        ok = torch.gather(vb, 1, flat).view(bsz, m, -1)
-        d2 = d2.masked_fill_(~ok, float("inf"))
-        best = d2.argmin(dim=-1)  # first occurrence
-        nn_idx = torch.gather(flat.view(bsz, m, -1), 2, best[..., None]).squeeze(-1)
-        return nn_idx, ok.any(dim=-1)
+        # the box's first corner: the integers within R_d of u_d start at ceil(u_d - R_d); clamped into the padded
+        # grid, kept in padded coordinates (+ halo)
+        start = torch.ceil(u - radius[:, None, :]).clamp_(
+            torch.tensor([-h for h in halo], device=dev, dtype=torch.float64),
+            torch.tensor([n - 1 for n in shape], device=dev, dtype=torch.float64))
+        corner = ((start + torch.tensor(halo, device=dev, dtype=torch.float64)) * strides).sum(-1).long()
+        flat = (corner[..., None] + box).view(bsz, -1)  # (B, M * W) in the padded grid, row-major within each box
+        # view b's positions, one plane per axis (a gather and a sum over planes: 2x faster than over (.., 3) rows),
+        # padded; invalid voxels and the halo infinitely far
+        far = torch.where(vb[:, None, :], pb.transpose(1, 2), float("inf")).reshape(bsz, 3, *shape)
+        far = F.pad(far, [h for h in reversed(halo) for _ in range(2)], value=float("inf")).view(bsz, 3, -1)
+        pos = torch.gather(far, 2, flat[:, None, :].expand(-1, 3, -1)).view(bsz, 3, m, -1)
+        d2, best = pos.sub_(cand_pos.transpose(1, 2)[..., None]).square_().sum(dim=1).min(dim=-1)  # first occurrence:
+        # ties go to the lowest flat index, as with brute force
+        nn_idx = original[torch.gather(flat.view(bsz, m, -1), 2, best[..., None]).squeeze(-1)]
+        return nn_idx, d2
 
 
 def gather_at(feature_map: Tensor, flat_index: Tensor) -> Tensor:
