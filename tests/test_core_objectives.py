@@ -324,3 +324,73 @@ def test_spade_objectives_never_wait_for_the_device():
     found = [op for op in rec.ops if op in syncing]
     assert found == ["aten.equal"], found  # the host-side two-view check, nothing else
     assert len(rec.ops) > 50  # the recorder saw the computation
+
+
+@pytest.mark.parametrize("temperature", [0.1, 0.02])  # 0.02: bound 50 > 40, the rows' maxima are the shift
+def test_masked_logsumexp_equals_torch_logsumexp_and_its_gradients(temperature):
+    """The dense loss's masked log-sum-exp (one autograd Function: a matmul, exp in place, a 0/1 mask; backward two
+    matmuls) against torch.logsumexp over the masked logits. Tolerances: value rel 1e-6, gradients rel 1e-5 /
+    abs 1e-6 at |g| up to ~0.1 (float32); the Function's gradient is also checked by finite differences in float64."""
+    from nnunet_ssl.core.loss.dense_correspondence import masked_logsumexp
+    g = torch.Generator().manual_seed(0)
+    n = 96
+    z = F.normalize(torch.randn(n, 16, generator=g), dim=1)
+    keep = (torch.rand(n, n, generator=g) > 0.6).float()
+    keep[torch.arange(n), (torch.arange(n) + n // 2) % n] = 1.0  # every row keeps an entry (its partner)
+    keep[3] = 0.0
+    keep[3, 3 + n // 2] = 1.0  # a row keeping one entry
+    results = []
+    for fused in (True, False):
+        zz = z.clone().requires_grad_()
+        q = zz * (1.0 / temperature)
+        if fused:
+            lse = masked_logsumexp(q, zz, keep, 1.0 / temperature)
+        else:
+            lse = torch.logsumexp((q @ zz.t()).masked_fill(keep == 0, float("-inf")), dim=1)
+        weights = torch.linspace(0.5, 1.5, n)
+        (lse * weights).sum().backward()
+        results.append((lse.detach(), zz.grad))
+    (v1, g1), (v2, g2) = results
+    torch.testing.assert_close(v1, v2, rtol=1e-6, atol=0)
+    torch.testing.assert_close(g1, g2, rtol=1e-5, atol=1e-6)
+    assert g2.abs().max() > 1e-2
+    # float64 finite differences through the Function (bound 1 / temperature holds for unit rows)
+    from nnunet_ssl.core.loss.dense_correspondence import _MaskedLogSumExp
+    q64 = F.normalize(torch.randn(12, 4, generator=g, dtype=torch.float64), dim=1).requires_grad_()
+    k64 = F.normalize(torch.randn(10, 4, generator=g, dtype=torch.float64), dim=1).requires_grad_()
+    keep64 = (torch.rand(12, 10, generator=g) > 0.5).double()
+    keep64[:, 0] = 1.0
+    assert torch.autograd.gradcheck(lambda a, b: _MaskedLogSumExp.apply(a, b, keep64, 1.0), (q64, k64))
+
+
+def test_masked_logsumexp_backward_twice_through_a_retained_graph():
+    # the Function keeps its exponentials unmodified: a second backward through a retained graph is the same
+    from nnunet_ssl.core.loss.dense_correspondence import masked_logsumexp
+    z = F.normalize(torch.randn(20, 8), dim=1).requires_grad_()
+    keep = torch.ones(20, 20)
+    out = masked_logsumexp(z * 10.0, z, keep, 10.0).sum()
+    (first,) = torch.autograd.grad(out, z, retain_graph=True)
+    (second,) = torch.autograd.grad(out, z)
+    assert torch.equal(first, second)
+
+
+def test_far_pairs_is_the_exact_distance_rule():
+    """far_pairs (one float64 product and a sign) marks exactly the pairs of real slots farther than the radius,
+    against float64 differences; coincident points are never far (also at radius 0), padding slots never pair."""
+    from nnunet_ssl.core.loss.dense_correspondence import far_pairs
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(300, 3, generator=g) * 0.8 + 0.1
+    x[10] = x[20]  # two slots on one voxel
+    x[30] = x[31] + torch.tensor([0.05, 0.0, 0.0])  # exactly a radius apart, in float32 terms
+    ok = torch.rand(300, generator=g) > 0.1
+    ok[[10, 20]] = True
+    d = (x.double()[:, None] - x.double()[None]).norm(dim=-1)
+    for radius in (0.0, 0.05, 0.1, 0.3):
+        far = far_pairs(x, ok, radius)
+        assert far.dtype == torch.float32 and set(far.unique().tolist()) <= {0.0, 1.0}
+        expected = (d > radius) & ok[:, None] & ok[None, :]
+        # pairs within 1e-9 of the radius may go either way (float64 rounding of the squared expansion)
+        settled = (d - radius).abs() > 1e-9
+        assert torch.equal(far.bool()[settled], expected[settled])
+        assert far[10, 20] == 0 and far[20, 10] == 0 and far.diagonal().eq(0).all()
+        assert far[~ok].eq(0).all() and far[:, ~ok].eq(0).all()

@@ -47,7 +47,7 @@ def info_nce(
         a = F.normalize(anchors.float(), dim=-1)
         c = a if candidates is None else F.normalize(candidates.float(), dim=-1)
         pos = pos_mask.to(device=a.device, dtype=torch.bool)
-        neg = neg_mask.to(device=a.device, dtype=torch.bool) & ~pos
+        neg = neg_mask.to(device=a.device, dtype=torch.bool)
         na, nc = a.shape[0], c.shape[0]
         if pos.shape != (na, nc) or neg.shape != (na, nc):
             raise ValueError(
@@ -55,12 +55,14 @@ def info_nce(
             )
 
         n_pos = pos.sum(1)
-        n_neg = neg.sum(1)
+        allowed = pos | neg  # neg & ~pos counted below without materialising it: an entry in both is positive
+        n_neg = allowed.sum(1) - n_pos
         has_pos = n_pos > 0
+        n_anchors = has_pos.sum()
         stats = {
-            "mean_pos": n_pos.float().sum().detach() / max(na, 1),
-            "mean_neg": n_neg.float().sum().detach() / max(na, 1),
-            "num_anchors": has_pos.float().sum().detach(),
+            "mean_pos": n_pos.sum() / max(na, 1),
+            "mean_neg": n_neg.sum() / max(na, 1),
+            "num_anchors": n_anchors.float(),
         }
 
         # Anchors without a positive are dropped by weight, not by indexing: no host-device synchronisation
@@ -68,12 +70,9 @@ def info_nce(
         # every entry in the denominator, so logsumexp never sees an all -inf row and their (discarded)
         # values and gradients stay finite; the loss stays attached to every input through the logits, so
         # backward works (zero gradients) even when no anchor contributes.
-        logits = a @ c.t() / temperature
-        allowed = pos | neg | ~has_pos[:, None]
-        lse = torch.logsumexp(logits.masked_fill(~allowed, float("-inf")), dim=1)
-        # sum over positives of (logit - lse), without materialising the log-probabilities
-        pos_sum = logits.masked_fill(~pos, 0.0).sum(1)
-        n_pos_f = n_pos.float().clamp_min(1.0)
-        per_anchor = torch.where(has_pos, -(pos_sum - n_pos_f * lse) / n_pos_f, 0.0)
-        loss = per_anchor.sum() / has_pos.sum().clamp_min(1).float()
+        logits = torch.mm(a, c.t()).div_(temperature)
+        lse = torch.logsumexp(logits.masked_fill(~allowed & has_pos[:, None], float("-inf")), dim=1)
+        # mean over positives of (logit - lse), without materialising the log-probabilities
+        pos_mean = logits.masked_fill(~pos, 0.0).sum(1) / n_pos.clamp_min(1)
+        loss = torch.where(has_pos, lse - pos_mean, 0.0).sum() / n_anchors.clamp_min(1)
     return loss, stats
