@@ -33,17 +33,18 @@ def contrastive_masks(
         raise ValueError(
             f"expected coords (N, D) and group_ids (N,), got {tuple(coords.shape)} and {tuple(group_ids.shape)}"
         )
-    n = coords.shape[0]
     c = coords.float()
     # Direct differences rather than the matmul expansion, which loses precision for large coordinates.
     dist = torch.cdist(c, c, compute_mode="donot_use_mm_for_euclid_dist")
-    off_diag = ~torch.eye(n, dtype=torch.bool, device=coords.device)
+    pos = (group_ids[:, None] == group_ids[None, :]) | (dist < r_pos)
+    pos.fill_diagonal_(False)
+    neg = (dist > r_neg) & ~pos
+    neg.fill_diagonal_(False)
     if valid is not None:
         v = valid.to(device=coords.device, dtype=torch.bool)
-        off_diag = off_diag & v[:, None] & v[None, :]
-    same_group = group_ids[:, None] == group_ids[None, :]
-    pos = off_diag & (same_group | (dist < r_pos))
-    neg = off_diag & ~pos & (dist > r_neg)
+        both = v[:, None] & v[None, :]
+        pos &= both
+        neg &= both
     return pos, neg
 
 

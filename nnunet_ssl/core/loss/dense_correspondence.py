@@ -63,24 +63,23 @@ def dense_correspondence_loss(dense: Tensor, coords: Tensor, valid: Tensor, cano
         m = corr["mask"].reshape(-1)
         slot_ok = torch.cat((m, m))
         n, p = z.shape[0], m.numel()
-        # the one positive of row i is its corresponding voxel in the other view, row (i + P) mod 2P
-        rows = torch.arange(n, device=z.device)
-        partner = (rows + p).remainder_(n)
-        # the denominator of row i: its negatives (other real slots farther than r_neg) and its positive; a padding
-        # row keeps only its partner (a finite, discarded value)
+        # the denominator of row i: its negatives (other real slots farther than r_neg) and its positive, its
+        # corresponding voxel in the other view, row (i + P) mod 2P (the diagonals at +P and -P); a padding row keeps
+        # only its partner (a finite, discarded value)
         keep = far_pairs(x, slot_ok, r_neg)
+        keep.diagonal(p).fill_(1.0)
+        keep.diagonal(-p).fill_(1.0)
         # the partner is the positive, never also a negative (even when farther than r_neg)
-        n_neg = keep.sum() - keep[rows, partner].sum()
-        keep[rows, partner] = 1.0
+        n_neg = keep.sum() - n
         q = z * (1.0 / temperature)
         # |<q_i, z_j>| <= 1 / temperature for unit vectors: that bound is the shift of the log-sum-exp
         lse = masked_logsumexp(q, z, keep, 1.0 / temperature)
-        pos_logit = (q * z[partner]).sum(1)
-        n_ok = slot_ok.sum()
-        loss = torch.where(slot_ok, lse - pos_logit, 0.0).sum() / n_ok.clamp_min(1).float()
-    per_voxel = 1.0 / n_ok.clamp_min(1).float()
-    stats = {"mean_pos": (n_ok > 0).float().detach(), "mean_neg": (n_neg * per_voxel).detach(),
-             "num_anchors": n_ok.float().detach(), "num_pairs": m.sum().float().detach()}
+        pos_logit = (q * z.roll(-p, 0)).sum(1)  # row i against row (i + P) mod 2P
+        n_ok = slot_ok.sum().float()
+        per_voxel = 1.0 / n_ok.clamp_min(1)
+        loss = torch.where(slot_ok, lse - pos_logit, 0.0).sum() * per_voxel
+    stats = {"mean_pos": (n_ok > 0).float(), "mean_neg": (n_neg * per_voxel).detach(), "num_anchors": n_ok,
+             "num_pairs": n_ok / 2}
     return loss, stats
 
 
