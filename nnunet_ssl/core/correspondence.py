@@ -177,10 +177,11 @@ def _index_rows(shape: Tuple[int, ...], device: torch.device) -> Tensor:
 
 
 @functools.lru_cache(maxsize=8)
-def _halo_layout(shape: Tuple[int, ...], halo: Tuple[int, ...], device: torch.device) -> Tuple[Tensor, Tensor, Tensor]:
-    """A grid ``shape`` padded by ``halo`` voxels on both sides of each axis: the row-major strides of the padded
-    grid (nd,) float64, the flat offsets of a box of halo + 1 voxels per axis from its first corner (W,), and each
-    padded voxel's flat index in the unpadded grid (0 in the halo), all read-only."""
+def _halo_layout(shape: Tuple[int, ...], halo: Tuple[int, ...], device: torch.device) -> Tuple[Tensor, ...]:
+    """A grid ``shape`` padded by ``halo`` voxels on both sides of each axis: the range of a box's first corner in
+    unpadded indices, -halo and shape - 1 (nd,) float64 each, the halo (nd,) float64, the row-major strides of the
+    padded grid (nd,) float64, the flat offsets of a box of halo + 1 voxels per axis from its first corner (W,), and
+    each padded voxel's flat index in the unpadded grid (0 in the halo); all read-only."""
     padded = [n + 2 * h for n, h in zip(shape, halo)]
     strides = [math.prod(padded[d + 1:]) for d in range(len(shape))]
     box = torch.zeros((), dtype=torch.long, device=device)
@@ -188,7 +189,9 @@ def _halo_layout(shape: Tuple[int, ...], halo: Tuple[int, ...], device: torch.de
         box = box[..., None] + torch.arange(h + 1, device=device) * strides[d]
     original = F.pad(torch.arange(math.prod(shape), device=device).view(shape),
                      [h for h in reversed(halo) for _ in range(2)])
-    return (torch.tensor(strides, dtype=torch.float64, device=device), box.reshape(-1), original.reshape(-1))
+    as_float = functools.partial(torch.tensor, dtype=torch.float64, device=device)
+    return (as_float([-h for h in halo]), as_float([n - 1 for n in shape]), as_float(halo), as_float(strides),
+            box.reshape(-1), original.reshape(-1))
 
 
 def _window_nearest(cand_pos: Tensor, pb: Tensor, vb: Tensor, shape: Tuple[int, ...],
@@ -234,14 +237,12 @@ def _window_nearest(cand_pos: Tensor, pb: Tensor, vb: Tensor, shape: Tuple[int, 
         if failed or not all(math.isfinite(v) for v in length) or math.prod(length) * 4 > sb:
             return None
         halo = tuple(int(v) - 1 for v in length)
-        strides, box, original = _halo_layout(tuple(shape), halo, dev)
+        first, last, halo_t, strides, box, original = _halo_layout(tuple(shape), halo, dev)
         u = (cand_pos.to(torch.float64) - params[:, nd][:, None, :]) @ a_pinv.transpose(1, 2)  # (B, M, nd)
         # the box's first corner: the integers within R_d of u_d start at ceil(u_d - R_d); clamped into the padded
         # grid, kept in padded coordinates (+ halo)
-        start = torch.ceil(u - radius[:, None, :]).clamp_(
-            torch.tensor([-h for h in halo], device=dev, dtype=torch.float64),
-            torch.tensor([n - 1 for n in shape], device=dev, dtype=torch.float64))
-        corner = ((start + torch.tensor(halo, device=dev, dtype=torch.float64)) * strides).sum(-1).long()
+        start = torch.ceil(u - radius[:, None, :]).clamp_(first, last)
+        corner = ((start + halo_t) * strides).sum(-1).long()
         flat = (corner[..., None] + box).view(bsz, -1)  # (B, M * W) in the padded grid, row-major within each box
         # view b's positions, one plane per axis (a gather and a sum over planes: 2x faster than over (.., 3) rows),
         # padded; invalid voxels and the halo infinitely far
