@@ -99,8 +99,8 @@ def match_voxels(pa: Tensor, va: Tensor, pb: Tensor, vb: Tensor, shape: Tuple[in
     vb = vb.to(device=device, dtype=torch.bool)
     # float32 throughout: coordinates must stay exact to well below a voxel. Invalid voxels may hold arbitrary (even
     # non-finite) coordinates: view a's are zeroed, view b's are set infinitely far (never nearest, never within
-    # tolerance) and zeroed for the fit of the window search. Python-scalar fills: a tensor made from a Python
-    # number would be copied to the device (a synchronisation)
+    # tolerance). Python-scalar fills: a tensor made from a Python number would be copied to the device (a
+    # synchronisation)
     pa = torch.where(va[..., None], pa.float(), 0.0)
     pb_far = torch.where(vb[..., None], pb.float(), float("inf"))
     lo = pb_far.amin(dim=1, keepdim=True) - tolerance
@@ -118,7 +118,7 @@ def match_voxels(pa: Tensor, va: Tensor, pb: Tensor, vb: Tensor, shape: Tuple[in
 
     found = None
     if search == "window" or (search == "auto" and device.type == "cpu"):
-        found = _window_nearest(cand_pos, torch.where(vb[..., None], pb_far, 0.0), vb, shape, tolerance)
+        found = _window_nearest(cand_pos, pb_far, vb, shape, tolerance)
     if found is not None:
         nn_idx, d2 = found
     else:
@@ -148,14 +148,14 @@ def match_voxels(pa: Tensor, va: Tensor, pb: Tensor, vb: Tensor, shape: Tuple[in
     return {"index_a": index_a, "index_b": index_b, "mask": mask, "distance": distance}
 
 
-def _brute_nearest(cand_pos: Tensor, pb_far: Tensor, vb: Tensor) -> Tensor:
-    """Flat index of the nearest valid b voxel of every candidate, from all of view b: (B, M). pb_far: view b's
-    positions, infinite at invalid voxels."""
+def _brute_nearest(cand_pos: Tensor, pb: Tensor, vb: Tensor) -> Tensor:
+    """Flat index of the nearest valid b voxel of every candidate, from all of view b: (B, M). pb: view b's
+    positions, any value at invalid voxels."""
     # Rank b voxels by |b|^2 - 2<a, b> (the |a|^2 term is constant per row), in one (B, M, Sb) buffer; float32 even
     # under autocast, since half precision cannot resolve voxel coordinates.
     with torch.autocast(device_type=cand_pos.device.type, enabled=False):
         # both views centred on the mean valid b position: the expansion loses precision with large coordinates
-        pb = torch.where(vb[..., None], pb_far, 0.0)
+        pb = torch.where(vb[..., None], pb, 0.0)
         centre = pb.sum(dim=1, keepdim=True) / vb.sum(dim=1).clamp_min(1)[:, None, None]
         pb = torch.where(vb[..., None], pb - centre, 0.0)
         cand_pos = cand_pos - centre
@@ -207,8 +207,9 @@ def _window_nearest(cand_pos: Tensor, pb: Tensor, vb: Tensor, shape: Tuple[int, 
     is the nearest of view b whenever one lies within tolerance (the only case that is used). Elastic deformation
     only widens the box through r. View b is padded by L_d - 1 invalid voxels per side, so that every box, its
     first corner clamped into the padded grid, is one fixed set of flat offsets (a clamped box still holds every
-    voxel of the view its unclamped box held). pb (B, Sb, 3): view b's positions, zero at invalid voxels. Returns the
-    flat indices (B, M) and the squared distances (B, M), infinite where the box held no valid voxel."""
+    voxel of the view its unclamped box held). pb (B, Sb, 3): view b's positions, any value at invalid voxels (as
+    for _brute_nearest). Returns the flat indices (B, M) and the squared distances (B, M), infinite where the box
+    held no valid voxel."""
     bsz, m = cand_pos.shape[:2]
     nd = len(shape)
     sb = pb.shape[1]
@@ -218,7 +219,7 @@ def _window_nearest(cand_pos: Tensor, pb: Tensor, vb: Tensor, shape: Tuple[int, 
     with torch.autocast(device_type=dev.type, enabled=False):
         x = _index_rows(shape, dev)  # [j, 1] per voxel
         w = vb.to(torch.float64)[..., None]  # (B, Sb, 1)
-        y = pb.to(torch.float64)
+        y = torch.where(vb[..., None], pb, 0.0).to(torch.float64)  # invalid voxels weigh 0 in the fit: finite
         xw_t = (x[None] * w).transpose(1, 2)  # (B, nd+1, Sb)
         # a view without any valid voxel gets a dummy fit (it never matches: its boxes hold no valid voxel); valid
         # voxels on a plane or a line make the fit singular: brute force then
