@@ -141,9 +141,12 @@ def bench_speed(dataset: str, configuration: str = "3d_fullres", plans: str = "n
     (each plugin trainer twice, float32 and bf16, all interleaved). ``cpu_fast``: CPU variants of each plugin trainer
     (names of CPU_VARIANTS; bf16 only where the CPU has it), all interleaved; a compiled variant's compilation
     happens in its warm-up steps and is reported as ``first_step_s``. ``workers`` > 0 also times the loaders behind
-    nnU-Net's NonDetMultiThreadedAugmenter with that many processes."""
-    from nnunet_ssl.nnunet.cpu_fast import ENV_VAR, CPUFastPathMixin
+    nnU-Net's NonDetMultiThreadedAugmenter with that many processes. On CPU the process keeps freed memory for
+    reuse (cpu_fast.keep_freed_memory, as the plugin's CPU trainings do; ``NNUNET_SSL_CPU_MALLOC=0``: glibc's
+    defaults), for every trainer and variant of the run alike; the report says which."""
+    from nnunet_ssl.nnunet.cpu_fast import ENV_VAR, CPUFastPathMixin, keep_freed_memory
     dev = torch.device(device)
+    kept_freed_memory = dev.type == "cpu" and keep_freed_memory()
     os.environ.setdefault("nnUNet_n_proc_DA", "0")
     results_tmp = tempfile.mkdtemp(prefix="nnunet_ssl_bench_")
     os.environ["nnUNet_results"] = results_tmp  # benchmark runs must not touch real results
@@ -229,6 +232,8 @@ def bench_speed(dataset: str, configuration: str = "3d_fullres", plans: str = "n
         "peak_mem_ratio_vs_reference": {k: peak[k] / peak[ref[k]] for k in labels} if peak else None,
         "date": time.strftime("%Y-%m-%d"),
     }
+    if dev.type == "cpu":
+        report["cpu_allocator"] = "freed memory kept for reuse" if kept_freed_memory else "C library defaults"
     if cpu_fast:
         report["speedup_vs_fp32"] = {k: med[f"{trainer_of[k]} [fp32]"] / med[k] for k in labels
                                      if f"{trainer_of[k]} [fp32]" in med}
@@ -278,7 +283,8 @@ def format_report(r: dict) -> str:
     nan = float("nan")
     peak = r.get("peak_mem_mib") or {}
     lines = [(f"device: {r['device']}; {r['dataset']} {r['configuration']} {r['plans']}; {r['iterations']} timed "
-              f"iterations (median), trainers interleaved; data loading excluded from the step; {r['date']}"), "",
+              f"iterations (median), trainers interleaved; data loading excluded from the step"
+              + (f"; CPU allocator: {r['cpu_allocator']}" if r.get("cpu_allocator") else "") + f"; {r['date']}"), "",
              (f"| run | precision | batch (cases) | step [s] | x {r['reference']}"
               + (" (same variant; speed-ups below)" if r.get("speedup_vs_fp32") else "") + " | selection + loss [s] | share of "
               "step | peak memory [MiB] | x memory |"), "|---|---|---|---|---|---|---|---|---|"]

@@ -15,7 +15,7 @@ from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 
 from nnunet_ssl.nnunet.budget import DeclaredBudgetMixin
 from nnunet_ssl.nnunet.checkpoint import CheckpointFormatMixin, CrashSafeCheckpointsMixin
-from nnunet_ssl.nnunet.cpu_fast import apply_thread_limit
+from nnunet_ssl.nnunet.cpu_fast import MALLOC_ENV, apply_thread_limit, env_flag, keep_freed_memory
 from nnunet_ssl.nnunet.segmentation import SkipFinalValidationMixin
 
 WALL_SECONDS = "NNUNET_SSL_WALL_SECONDS"
@@ -32,7 +32,7 @@ class nnUNetTrainerWallClock(DeclaredBudgetMixin, SkipFinalValidationMixin, Cras
                              CheckpointFormatMixin, nnUNetTrainer):
     """nnUNetTrainer for ``NNUNET_SSL_WALL_SECONDS`` of training (the mixins give a working ``--c``, atomic
     checkpoint writes and the benchmark's skipped final validation; no CPU fast path: stock trains in float32;
-    nothing of the training itself changes)."""
+    nothing of the training itself changes; on CPU its process keeps freed memory for reuse, as the budget's runs do)."""
     num_iterations_per_epoch = 25
     num_val_iterations_per_epoch = 1
     num_epochs = 100_000  # an upper bound only; the wall clock ends the run
@@ -50,6 +50,9 @@ class nnUNetTrainerWallClock(DeclaredBudgetMixin, SkipFinalValidationMixin, Cras
 
     def initialize(self):
         apply_thread_limit(self.print_to_log_file)  # the benchmark's --jobs: a share of the cores
+        if self.device.type == "cpu" and env_flag(MALLOC_ENV) is not False:
+            # the same process setting as the budget's own runs get (no change to the training, only page faults)
+            keep_freed_memory(self.print_to_log_file)
         super().initialize()
 
     def elapsed(self) -> float:

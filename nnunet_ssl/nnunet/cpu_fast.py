@@ -14,6 +14,10 @@ instance_norm's copies: CPU-budget steps 1.3-1.6x faster, the step equal within 
 check) and
 ``torch.compile`` of the segmentation network on CPU (``cpu_compile`` / ``NNUNET_SSL_CPU_COMPILE``; nnU-Net itself
 never compiles on CPU; default off: slower than channels-last alone on the CPU budget).
+
+Training on CPU also keeps freed memory in the process for reuse (``keep_freed_memory``; ``cpu_keep_freed_memory``
+/ ``NNUNET_SSL_CPU_MALLOC``, default on): with glibc's defaults every step maps fresh pages for its activations and
+gradients and the kernel zero-fills them, thousands of page faults per step.
 """
 from __future__ import annotations
 
@@ -29,6 +33,7 @@ from torch import nn
 ENV_VAR = "NNUNET_SSL_CPU_BF16"
 CHANNELS_LAST_ENV = "NNUNET_SSL_CPU_CHANNELS_LAST"
 COMPILE_ENV = "NNUNET_SSL_CPU_COMPILE"
+MALLOC_ENV = "NNUNET_SSL_CPU_MALLOC"
 BF16_CPU_FLAGS = ("avx512_bf16", "amx_bf16")  # /proc/cpuinfo flags of native bf16 arithmetic (x86)
 
 
@@ -106,6 +111,40 @@ def apply_thread_limit(log=None) -> None:
         torch.set_num_threads(n)
         if log is not None:
             log(f"torch threads capped at {n} ({NUM_THREADS})")
+
+
+# glibc's mallopt parameters and the values keep_freed_memory sets
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
+MMAP_THRESHOLD = 32 << 20  # glibc's largest (64-bit): blocks below it come from the heap, whose pages are reused
+TRIM_THRESHOLD = 1 << 30   # free memory at the heap's top handed back to the system only above this
+_kept_freed_memory: bool | None = None  # None: not tried in this process; else whether it took effect
+
+
+def keep_freed_memory(log=None) -> bool:
+    """Let glibc's malloc keep freed memory for reuse in this process: blocks up to 32 MiB from the heap instead of
+    their own mappings, and the heap not shrunk until 1 GiB of it is free (``mallopt`` M_MMAP_THRESHOLD and
+    M_TRIM_THRESHOLD). Torch allocates every activation, gradient and temporary of a CPU step with malloc; with
+    glibc's defaults, freed blocks go back to the system and the next step's blocks are fresh pages the kernel
+    zero-fills on first touch: 6 000-8 000 page faults, 7-17 % of a CPU-budget fine-tuning step (BENCHMARKS.md,
+    "CPU step cost"). The peak memory is the same (the step reuses what it freed). Process-wide, once; False where
+    the C library is not glibc (nothing changes there) or ``NNUNET_SSL_CPU_MALLOC=0``."""
+    global _kept_freed_memory
+    if env_flag(MALLOC_ENV) is False:
+        return False
+    if _kept_freed_memory is None:
+        _kept_freed_memory = False
+        try:
+            import ctypes
+            os.confstr("CS_GNU_LIBC_VERSION")  # ValueError / OSError where the C library is not glibc
+            libc = ctypes.CDLL(None)
+            _kept_freed_memory = bool(libc.mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD)
+                                      and libc.mallopt(_M_TRIM_THRESHOLD, TRIM_THRESHOLD))
+        except (ValueError, OSError, AttributeError):  # not glibc, no C library to load, or no mallopt in it
+            _kept_freed_memory = False
+    if log is not None:
+        log("CPU allocator: freed memory kept for reuse (glibc mallopt: blocks < 32 MiB from the heap, trimmed above "
+            "1 GiB free)" if _kept_freed_memory else "CPU allocator: unchanged (the C library is not glibc)")
+    return _kept_freed_memory
 
 
 def cpu_bf16_autocast(enabled: bool = True):
@@ -254,8 +293,8 @@ class Float32Loss(nn.Module):
 class CPUFastPathMixin:
     """bf16 autocast + channels-last training on CPU for nnUNetTrainer subclasses (before the trainer in the bases).
 
-    Composes through ``super()``: ``initialize`` caps the threads (NNUNET_SSL_NUM_THREADS) before the trainer's own
-    set-up and switches its modules to channels-last after it; ``on_train_epoch_end`` reports the epoch's skipped
+    Composes through ``super()``: ``initialize`` caps the threads (NNUNET_SSL_NUM_THREADS) and, on CPU, keeps freed
+    memory for reuse (keep_freed_memory) before the trainer's own set-up and switches its modules to channels-last after it; ``on_train_epoch_end`` reports the epoch's skipped
     steps; ``save_checkpoint`` writes in the standard memory layout. Steps use ``cpu_autocast``, ``cpu_fast_input``
     and ``step_if_finite``; :class:`CPUFastSegmentationMixin` gives nnU-Net's own segmentation steps the fast path."""
 
@@ -266,6 +305,8 @@ class CPUFastPathMixin:
     # channels-last float32: how instance norms are computed; 'precise' and 'group_norm' keep the layout, 'torch'
     # (instance_norm) copies to the standard layout and back (layout_keeping_instance_norms)
     cpu_channels_last_norm: str = "precise"
+    # training on CPU keeps freed memory for reuse (keep_freed_memory); env NNUNET_SSL_CPU_MALLOC
+    cpu_keep_freed_memory: bool = True
 
     @property
     def cpu_fast_path(self) -> bool:
@@ -355,6 +396,9 @@ class CPUFastPathMixin:
 
     def initialize(self):
         apply_thread_limit(self.print_to_log_file)
+        keep = env_flag(MALLOC_ENV)
+        if self.device.type == "cpu" and (self.cpu_keep_freed_memory if keep is None else keep):
+            keep_freed_memory(self.print_to_log_file)
         super().initialize()
         self.setup_cpu_fast_path()
 
