@@ -375,22 +375,31 @@ def test_masked_logsumexp_backward_twice_through_a_retained_graph():
 
 
 def test_far_pairs_is_the_exact_distance_rule():
-    """far_pairs (one float64 product and a sign) marks exactly the pairs of real slots farther than the radius,
-    against float64 differences; coincident points are never far (also at radius 0), padding slots never pair."""
-    from nnunet_ssl.core.loss.dense_correspondence import far_pairs
+    """far_pairs (one product and a sign) marks exactly the pairs of real slots farther than the radius, against
+    float64 differences: float64 exactly (to 1e-12 in d^2 - r^2), the float32 product (CPU, radius >= 1 % of the
+    points' extent) to 1e-6 of the squared extent; coincident points are never far (also at radius 0), padding
+    slots never pair, rows that are not ok may hold any value, coordinates far from the origin change nothing."""
+    from nnunet_ssl.core.loss.dense_correspondence import FLOAT32_MIN_RADIUS2, far_pairs
     g = torch.Generator().manual_seed(0)
     x = torch.rand(300, 3, generator=g) * 0.8 + 0.1
     x[10] = x[20]  # two slots on one voxel
     x[30] = x[31] + torch.tensor([0.05, 0.0, 0.0])  # exactly a radius apart, in float32 terms
     ok = torch.rand(300, generator=g) > 0.1
     ok[[10, 20]] = True
-    d = (x.double()[:, None] - x.double()[None]).norm(dim=-1)
-    for radius in (0.0, 0.05, 0.1, 0.3):
-        far = far_pairs(x, ok, radius)
-        assert far.dtype == torch.float32 and set(far.unique().tolist()) <= {0.0, 1.0}
-        expected = (d > radius) & ok[:, None] & ok[None, :]
-        # pairs within 1e-9 of the radius may go either way (float64 rounding of the squared expansion)
-        settled = (d - radius).abs() > 1e-9
-        assert torch.equal(far.bool()[settled], expected[settled])
-        assert far[10, 20] == 0 and far[20, 10] == 0 and far.diagonal().eq(0).all()
-        assert far[~ok].eq(0).all() and far[:, ~ok].eq(0).all()
+    d2 = (x.double()[:, None] - x.double()[None]).square().sum(-1)
+    extent2 = float((x[ok].double() - x[ok].double().mean(0)).square().sum(1).max())  # R^2 of the rule
+    paths = set()
+    for shift in (0.0, 100.0):
+        garbage = torch.where(ok[:, None], x + shift, torch.tensor(float("nan")))  # not-ok rows: any value
+        for radius in (0.0, 0.001, 0.05, 0.1, 0.3):
+            far = far_pairs(garbage, ok, radius)
+            assert far.dtype == torch.float32 and set(far.unique().tolist()) <= {0.0, 1.0}
+            expected = (d2 > radius ** 2) & ok[:, None] & ok[None, :]
+            float32 = radius ** 2 >= FLOAT32_MIN_RADIUS2 * extent2
+            paths.add(float32)
+            # pairs this close to the radius may go either way (rounding of the squared expansion)
+            settled = (d2 - radius ** 2).abs() > (1e-6 * extent2 if float32 else 1e-12)
+            assert torch.equal(far.bool()[settled], expected[settled]), (shift, radius)
+            assert far[10, 20] == 0 and far[20, 10] == 0 and far.diagonal().eq(0).all()
+            assert far[~ok].eq(0).all() and far[:, ~ok].eq(0).all()
+    assert paths == {True, False}  # both precisions were checked

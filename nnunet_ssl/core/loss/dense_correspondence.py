@@ -93,21 +93,37 @@ def _voxel_rows(dense: Tensor, src: Tensor, vox: Tensor, n_vox: int) -> Tensor:
     return dense.flatten(2)[src, :, vox]
 
 
+# far_pairs computes in float32 on CPU where r^2 is at least this fraction of R^2 (R: the points' largest distance from
+# their centre): float32's rounding of the product, ~1e-6 R^2, then stays two orders of magnitude below r^2
+FLOAT32_MIN_RADIUS2 = 1e-4
+
+
 def far_pairs(x: Tensor, ok: Tensor, radius: float) -> Tensor:
     """(n, n) float32 1.0 where rows i and j are both ``ok`` and |x_i - x_j| > ``radius``, else 0.0; x (n, 3).
 
-    From one float64 product of rows [x, |x|^2, 1] and [-2 x, 1, |x|^2 - r^2] (d^2 - r^2 per pair, exact to ~1e-16 of
-    |x|^2), with r^2 at least 1e-12: points closer than 1e-6 count as coincident (two slots on one voxel are never
-    each other's negatives, also at radius 0). Rows and columns that are not ``ok`` get -1e30 in the constant
-    terms. The sign, clamped at 0, is the mask: as fast as a copy, where a comparison and a boolean mask cost 4-8x
-    at 512 x 512 on CPU."""
-    # (MPS has no float64: float32 there, centred, ~1e-7 of the squared extent)
-    x = x.double() if x.device.type != "mps" else x - x.mean(0)
+    From one product of rows [x, |x|^2, 1] and [-2 x, 1, |x|^2 - r^2] (d^2 - r^2 per pair), with r^2 at least 1e-12;
+    rows and columns that are not ``ok`` get -1e30 in the constant terms. The sign, clamped at 0, is the mask: as
+    fast as a copy, where a comparison and a boolean mask cost 4-8x at 512 x 512 on CPU. In float64 the product is
+    exact to ~1e-16 of |x|^2: points closer than 1e-6 count as coincident (two slots on one voxel are never each
+    other's negatives, also at radius 0). On CPU, where r^2 >= 1e-4 R^2 (R: the largest distance of an ok row from
+    the ok rows' mean), the product is float32 on centred coordinates (~3x cheaper): its rounding, ~1e-6 R^2, cannot make
+    coincident points far; only pairs within ~1e-6 R^2 of r^2 may go either way. MPS (no float64): float32 always."""
+    r2 = max(radius * radius, 1e-12)
+    okc = ok[:, None]
+    x = torch.where(okc, x.float(), 0.0)  # rows that are not ok are masked by their offsets: any value there
+    if x.device.type in ("cpu", "mps"):
+        centred = torch.where(okc, x - x.sum(0) / ok.sum().clamp_min(1), 0.0)  # on the ok rows' mean
+        if x.device.type == "mps" or r2 >= FLOAT32_MIN_RADIUS2 * float(centred.square().sum(1).amax()):
+            x = centred
+        else:
+            x = x.double()
+    else:  # CUDA: deciding would read the device; float64 at this size costs nothing there
+        x = x.double()
     n2 = x.square().sum(1, keepdim=True)
     one = torch.ones_like(n2)
     off = torch.where(ok[:, None], 0.0, -1e30)
     left = torch.cat((x, n2 + off, one), 1)
-    right = torch.cat((-2.0 * x, one, n2 - max(radius * radius, 1e-12) + off), 1)
+    right = torch.cat((-2.0 * x, one, n2 - r2 + off), 1)
     return torch.sign((left @ right.t()).float()).clamp_(min=0.0)
 
 
