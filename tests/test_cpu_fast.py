@@ -339,40 +339,48 @@ _PAGE_FAULTS_OF_A_STEP = """
 import resource, sys, torch
 from nnunet_ssl.nnunet.cpu_fast import keep_freed_memory
 print(keep_freed_memory())
-torch.manual_seed(0)
+
+def transient():  # a step's transient memory: 30 blocks of 4 MiB, written, then all freed
+    blocks = [torch.empty(1 << 20).fill_(1.0) for _ in range(30)]
+    for b in blocks:
+        b.add_(1.0)
+
+for _ in range(2):
+    transient()
+before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+for _ in range(3):
+    transient()
+print((resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) / 3)
+torch.manual_seed(0)  # and a small training step: its numbers
 norm = lambda: torch.nn.InstanceNorm3d(8, affine=True)
 net = torch.nn.Sequential(torch.nn.Conv3d(1, 8, 3, padding=1), norm(), torch.nn.LeakyReLU(inplace=True),
                           torch.nn.Conv3d(8, 8, 3, padding=1), norm(), torch.nn.LeakyReLU(inplace=True),
                           torch.nn.Conv3d(8, 2, 1))
-x = torch.randn(2, 1, 32, 48, 32)
-def step():
-    net.zero_grad(set_to_none=True)
-    net(x).square().mean().backward()
 for _ in range(3):
-    step()
-before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-for _ in range(5):
-    step()
-print((resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) / 5)
+    net.zero_grad(set_to_none=True)
+    net(torch.randn(2, 1, 16, 24, 16)).square().mean().backward()
 print(repr([p.grad.double().sum().item() for p in net.parameters()]))
 """
 
 
-@pytest.mark.skipif(not hasattr(__import__("os"), "confstr") or sys.platform != "linux", reason="glibc only")
+@pytest.mark.skipif(sys.platform != "linux", reason="glibc only")
 def test_keeping_freed_memory_removes_the_page_faults_of_repeated_steps():
-    # a fresh process each (the setting is process-wide): the same small training step, glibc's defaults against
-    # keep_freed_memory; the steps after warm-up map fresh pages with the defaults (measured: ~6 000 faults per step)
-    def faults(env_value):
+    # a fresh process each (the setting is process-wide), glibc's defaults against keep_freed_memory: with the
+    # defaults each round of 120 MiB of blocks is handed back when freed and faults in again (~30 000 pages; a
+    # CPU-budget training step took 3 400-19 400); kept, the pages are reused
+    def run(env_value):
         env = dict(os.environ, NNUNET_SSL_CPU_MALLOC=env_value, OMP_NUM_THREADS="1")
         out = subprocess.run([sys.executable, "-c", _PAGE_FAULTS_OF_A_STEP], env=env, capture_output=True,
                              text=True, timeout=300, check=True).stdout.split()
         return out[0] == "True", float(out[1]), out[2:]
-    kept_off, default, grads_default = faults("0")
-    kept_on, kept, grads_kept = faults("1")
-    assert (kept_off, kept_on) == (False, True)
-    assert grads_kept == grads_default  # where memory comes from changes no number of the step
-    assert default > 1000  # the cost this setting removes
-    assert kept < 0.2 * default
+    kept_off, default, grads_default = run("0")
+    kept_on, kept, grads_kept = run("1")
+    if not kept_on:
+        pytest.skip("the C library is not glibc")
+    assert not kept_off
+    assert default > 10_000  # the cost this setting removes
+    assert kept < 100
+    assert grads_kept == grads_default  # where memory comes from changes no number of a step
 
 
 def test_cpu_trainers_keep_freed_memory_unless_switched_off(monkeypatch):
