@@ -32,7 +32,8 @@ class nnUNetTrainerWallClock(DeclaredBudgetMixin, SkipFinalValidationMixin, Cras
                              CheckpointFormatMixin, nnUNetTrainer):
     """nnUNetTrainer for ``NNUNET_SSL_WALL_SECONDS`` of training (the mixins give a working ``--c``, atomic
     checkpoint writes and the benchmark's skipped final validation; no CPU fast path: stock trains in float32;
-    nothing of the training itself changes; on CPU its process keeps freed memory for reuse, as the budget's runs do)."""
+    nothing of the training itself changes; on CPU its process keeps freed memory for reuse, as the budget's runs
+    do)."""
     num_iterations_per_epoch = 25
     num_val_iterations_per_epoch = 1
     num_epochs = 100_000  # an upper bound only; the wall clock ends the run

@@ -125,8 +125,9 @@ def keep_freed_memory(log=None) -> bool:
     their own mappings, and the heap not shrunk until 1 GiB of it is free (``mallopt`` M_MMAP_THRESHOLD and
     M_TRIM_THRESHOLD). Torch allocates every activation, gradient and temporary of a CPU step with malloc; with
     glibc's defaults, freed blocks go back to the system and the next step's blocks are fresh pages the kernel
-    zero-fills on first touch: 6 000-8 000 page faults, 7-17 % of a CPU-budget fine-tuning step (BENCHMARKS.md,
-    "CPU step cost"). The peak memory is the same (the step reuses what it freed). Process-wide, once; False where
+    zero-fills on first touch: 3 000-21 000 page faults per CPU-budget step, 5-10 % of a float32 step in a process
+    that trains one trainer (BENCHMARKS.md, "CPU step cost"). The peak memory is the same (the step reuses what it
+    freed). Process-wide, once; False where
     the C library is not glibc (nothing changes there) or ``NNUNET_SSL_CPU_MALLOC=0``."""
     global _kept_freed_memory
     if env_flag(MALLOC_ENV) is False:
@@ -297,9 +298,10 @@ class CPUFastPathMixin:
     """bf16 autocast + channels-last training on CPU for nnUNetTrainer subclasses (before the trainer in the bases).
 
     Composes through ``super()``: ``initialize`` caps the threads (NNUNET_SSL_NUM_THREADS) and, on CPU, keeps freed
-    memory for reuse (keep_freed_memory) before the trainer's own set-up and switches its modules to channels-last after it; ``on_train_epoch_end`` reports the epoch's skipped
-    steps; ``save_checkpoint`` writes in the standard memory layout. Steps use ``cpu_autocast``, ``cpu_fast_input``
-    and ``step_if_finite``; :class:`CPUFastSegmentationMixin` gives nnU-Net's own segmentation steps the fast path."""
+    memory for reuse (keep_freed_memory) before the trainer's own set-up and switches its modules to channels-last
+    after it; ``on_train_epoch_end`` reports the epoch's skipped steps; ``save_checkpoint`` writes in the standard
+    memory layout. Steps use ``cpu_autocast``, ``cpu_fast_input`` and ``step_if_finite``;
+    :class:`CPUFastSegmentationMixin` gives nnU-Net's own segmentation steps the fast path."""
 
     cpu_bf16: bool | None = None  # None: on where the device is a CPU with native bf16; env NNUNET_SSL_CPU_BF16
     # float32 on CPU in channels-last layout (bf16 always is: oneDNN's bf16 kernels want it); env ..._CHANNELS_LAST

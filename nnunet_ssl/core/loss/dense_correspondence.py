@@ -110,8 +110,9 @@ def far_pairs(x: Tensor, ok: Tensor, radius: float) -> Tensor:
     fast as a copy, where a comparison and a boolean mask cost 4-8x at 512 x 512 on CPU. In float64 the product is
     exact to ~1e-16 of |x|^2: points closer than 1e-6 count as coincident (two slots on one voxel are never each
     other's negatives, also at radius 0). On CPU, where r^2 >= 1e-4 R^2 (R: the largest distance of an ok row from
-    the ok rows' mean), the product is float32 on centred coordinates (~3x cheaper): its rounding, ~1e-6 R^2, cannot make
-    coincident points far; only pairs within ~1e-6 R^2 of r^2 may go either way. MPS (no float64): float32 always."""
+    the ok rows' mean), the product is float32 on centred coordinates (~3x cheaper): its rounding, ~1e-6 R^2,
+    cannot make coincident points far; only pairs within ~1e-6 R^2 of r^2 may go either way. MPS (no float64):
+    float32 always."""
     r2 = max(radius * radius, 1e-12)
     okc = ok[:, None]
     x = torch.where(okc, x.float(), 0.0)  # rows that are not ok are masked by their offsets: any value there
