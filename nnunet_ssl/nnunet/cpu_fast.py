@@ -127,8 +127,8 @@ def keep_freed_memory(log=None) -> bool:
     glibc's defaults, freed blocks go back to the system and the next step's blocks are fresh pages the kernel
     zero-fills on first touch: 3 000-21 000 page faults per CPU-budget step, 5-10 % of a float32 step in a process
     that trains one trainer (BENCHMARKS.md, "CPU step cost"). Peak memory stays within 1 % (the step reuses what
-    it freed). Process-wide, once; False where
-    the C library is not glibc (nothing changes there) or ``NNUNET_SSL_CPU_MALLOC=0``."""
+    it freed). Process-wide, once; False where the C library is not glibc (nothing changes there) or
+    ``NNUNET_SSL_CPU_MALLOC=0``."""
     global _kept_freed_memory
     if env_flag(MALLOC_ENV) is False:
         return False
