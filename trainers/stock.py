@@ -15,7 +15,7 @@ from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 
 from nnunet_ssl.nnunet.budget import DeclaredBudgetMixin
 from nnunet_ssl.nnunet.checkpoint import CheckpointFormatMixin, CrashSafeCheckpointsMixin
-from nnunet_ssl.nnunet.cpu_fast import MALLOC_ENV, apply_thread_limit, env_flag, keep_freed_memory
+from nnunet_ssl.nnunet.cpu_fast import apply_thread_limit, keep_freed_memory
 from nnunet_ssl.nnunet.segmentation import SkipFinalValidationMixin
 
 WALL_SECONDS = "NNUNET_SSL_WALL_SECONDS"
@@ -51,8 +51,9 @@ class nnUNetTrainerWallClock(DeclaredBudgetMixin, SkipFinalValidationMixin, Cras
 
     def initialize(self):
         apply_thread_limit(self.print_to_log_file)  # the benchmark's --jobs: a share of the cores
-        if self.device.type == "cpu" and env_flag(MALLOC_ENV) is not False:
-            # the same process setting as the budget's own runs get (no change to the training, only page faults)
+        if self.device.type == "cpu":
+            # the same process setting as the budget's own runs get (no change to the training, only page faults);
+            # keep_freed_memory itself honours NNUNET_SSL_CPU_MALLOC=0
             keep_freed_memory(self.print_to_log_file)
         super().initialize()
 

@@ -126,7 +126,7 @@ def far_pairs(x: Tensor, ok: Tensor, radius: float) -> Tensor:
         x = x.double()
     n2 = x.square().sum(1, keepdim=True)
     one = torch.ones_like(n2)
-    off = torch.where(ok[:, None], 0.0, -1e30)
+    off = torch.where(okc, 0.0, -1e30)
     left = torch.cat((x, n2 + off, one), 1)
     right = torch.cat((-2.0 * x, one, n2 - r2 + off), 1)
     return torch.sign((left @ right.t()).float()).clamp_(min=0.0)
