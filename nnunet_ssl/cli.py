@@ -209,6 +209,11 @@ def build_parser() -> argparse.ArgumentParser:
                         "(channels-last, the float32 default), fp32-cl-inorm (channels-last with torch's "
                         "instance_norm), fp32-cl-gn (with group_norm), fp32-compile (torch.compile), fp32-cl-compile, "
                         "bf16")
+    s.add_argument("--isolate", action="store_true",
+                   help="with --cpu-fast: each trainer and variant in a process of its own, as in its training run "
+                        "(allocator, heap and caches its own; the old float32 path 'fp32' with the C library's "
+                        "allocator defaults), rounds alternating")
+    s.add_argument("--rounds", type=int, default=2, help="rounds of --isolate (default 2)")
     s.add_argument("--json", default=None, help="also write the report here")
     s.set_defaults(func=_cmd_bench_speed)
 

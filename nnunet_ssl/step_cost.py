@@ -136,17 +136,19 @@ def _loader_workers(dl, workers: int, n: int, pin_memory: bool) -> float:
 def bench_speed(dataset: str, configuration: str = "3d_fullres", plans: str = "nnUNetPlans",
                 trainers: Sequence[str] = ("nnUNetTrainer", "SpadePretrainTrainer"), iterations: int = 10,
                 warmup: int = 2, device: str = "cpu", cpu_bf16: str = "auto", workers: int = 0,
-                loader_batches: int | None = None, cpu_fast: Sequence[str] = ()) -> dict:
+                loader_batches: int | None = None, cpu_fast: Sequence[str] = (), allocator: str = "run") -> dict:
     """``cpu_bf16``: 'auto' (each trainer's own setting), 'on'/'off' (forced for the plugin's trainers), 'compare'
     (each plugin trainer twice, float32 and bf16, all interleaved). ``cpu_fast``: CPU variants of each plugin trainer
     (names of CPU_VARIANTS; bf16 only where the CPU has it), all interleaved; a compiled variant's compilation
     happens in its warm-up steps and is reported as ``first_step_s``. ``workers`` > 0 also times the loaders behind
     nnU-Net's NonDetMultiThreadedAugmenter with that many processes. On CPU the process keeps freed memory for
     reuse (cpu_fast.keep_freed_memory, as the plugin's CPU trainings do; ``NNUNET_SSL_CPU_MALLOC=0``: glibc's
-    defaults), for every trainer and variant of the run alike; the report says which."""
-    from nnunet_ssl.nnunet.cpu_fast import ENV_VAR, CPUFastPathMixin, keep_freed_memory
+    defaults), for every trainer and variant of the run alike; the report says which. ``allocator='trainer'``: the
+    trainers' own choice instead, as in their training runs (one process per trainer: ``bench_speed_isolated``)."""
+    from nnunet_ssl.nnunet.cpu_fast import ENV_VAR, CPUFastPathMixin, freed_memory_kept, keep_freed_memory
     dev = torch.device(device)
-    kept_freed_memory = dev.type == "cpu" and keep_freed_memory()
+    if dev.type == "cpu" and allocator == "run":
+        keep_freed_memory()
     os.environ.setdefault("nnUNet_n_proc_DA", "0")
     results_tmp = tempfile.mkdtemp(prefix="nnunet_ssl_bench_")
     os.environ["nnUNet_results"] = results_tmp  # benchmark runs must not touch real results
@@ -233,7 +235,7 @@ def bench_speed(dataset: str, configuration: str = "3d_fullres", plans: str = "n
         "date": time.strftime("%Y-%m-%d"),
     }
     if dev.type == "cpu":
-        report["cpu_allocator"] = "freed memory kept for reuse" if kept_freed_memory else "C library defaults"
+        report["cpu_allocator"] = "freed memory kept for reuse" if freed_memory_kept() else "C library defaults"
     if cpu_fast:
         report["speedup_vs_fp32"] = {k: med[f"{trainer_of[k]} [fp32]"] / med[k] for k in labels
                                      if f"{trainer_of[k]} [fp32]" in med}
@@ -246,6 +248,109 @@ def bench_speed(dataset: str, configuration: str = "3d_fullres", plans: str = "n
         for gen in (tr.dataloader_train, tr.dataloader_val):
             if hasattr(gen, "_finish"):
                 gen._finish()
+    return report
+
+
+# in a process of its own the float32 path before the CPU work ("fp32", standard layout) runs as it did then, with the
+# C library's allocator defaults (NNUNET_SSL_CPU_MALLOC=0); every other configuration keeps its trainer's own choice
+_ISOLATED_ENV = {"fp32": {"NNUNET_SSL_CPU_MALLOC": "0"}}
+
+
+def _run_isolated(spec: str) -> None:
+    """One configuration of ``bench_speed_isolated`` in this fresh process; spec: JSON of bench_speed's keyword
+    arguments and ``out``, where the report goes."""
+    kw = json.loads(spec)
+    out = kw.pop("out")
+    report = bench_speed(**kw, allocator="trainer")
+    with open(out, "w") as f:
+        json.dump(report, f)
+
+
+def bench_speed_isolated(dataset: str, configuration: str = "3d_fullres", plans: str = "nnUNetPlans",
+                         trainers: Sequence[str] = ("nnUNetTrainer", "SpadePretrainTrainer"), iterations: int = 10,
+                         warmup: int = 2, workers: int = 0, loader_batches: int | None = None,
+                         cpu_fast: Sequence[str] = ("fp32", "fp32-cl"), rounds: int = 2) -> dict:
+    """``bench_speed`` with ``cpu_fast`` on CPU, each trainer and variant in a process of its own, as in its training
+    run: the allocator setting (process-wide), the heap and oneDNN's caches are its own, where in one process they are
+    shared. The configurations alternate within each of ``rounds`` rounds, so that slow drifts of the machine hit
+    them alike; a configuration's step and loss times are the medians over rounds of its processes' medians (each
+    round's in ``step_s_rounds`` / ``loss_s_rounds``). ``fp32``, the float32 path before the CPU work, runs with the
+    C library's allocator defaults, as it did then; the plugin's other variants keep freed memory, as their training
+    runs do; stock trainers keep what nnU-Net has (nothing changed)."""
+    import subprocess
+    import sys
+
+    from nnunet_ssl.nnunet.cpu_fast import cpu_supports_bf16
+    if rounds < 1:
+        raise ValueError(f"rounds must be >= 1, got {rounds}")
+    unknown = [v for v in cpu_fast if v not in CPU_VARIANTS]
+    if unknown or not cpu_fast:
+        raise ValueError(f"cpu_fast: name one or more of {', '.join(CPU_VARIANTS)} (got {list(cpu_fast)})")
+    configs = [(name, v) for name in trainers for v in cpu_fast
+               if not (v == "bf16" and not cpu_supports_bf16())
+               and not (CPU_VARIANTS[v][2] and _is_pretraining_name(name))]
+    tmp = tempfile.mkdtemp(prefix="nnunet_ssl_bench_isolated_")
+    stock: set[str] = set()  # trainers without CPU variants: one process per round
+    runs: dict[str, list[dict]] = {}  # label -> its processes' reports, by round
+    for rnd in range(rounds):
+        for i, (name, v) in enumerate(configs):
+            if name in stock and any(c == name for c, _ in configs[:i]):
+                continue
+            out = os.path.join(tmp, f"round{rnd}_{i}.json")
+            spec = dict(dataset=dataset, configuration=configuration, plans=plans, trainers=[name],
+                        iterations=iterations, warmup=warmup, device="cpu", workers=workers if rnd == 0 else 0,
+                        loader_batches=loader_batches, cpu_fast=[v], out=out)
+            proc = subprocess.run([sys.executable, "-c", "import sys; from nnunet_ssl.step_cost import "
+                                   "_run_isolated; _run_isolated(sys.argv[1])", json.dumps(spec)],
+                                  env={**os.environ, **_ISOLATED_ENV.get(v, {})}, capture_output=True, text=True)
+            if proc.returncode != 0:
+                last = (proc.stderr.strip().splitlines() or ["(no output)"])[-1]
+                raise RuntimeError(f"bench-speed of {name} [{v}] in its own process failed (exit {proc.returncode}): "
+                                   f"{last}")
+            with open(out) as f:
+                r = json.load(f)
+            (label,) = r["step_s_median"]
+            if label == name:
+                stock.add(name)
+            runs.setdefault(label, []).append(r)
+    labels = list(runs)
+    one = {k: v[0] for k, v in runs.items()}
+    trainer_of = {k: one[k]["trainer"][k] for k in labels}
+    precision = {k: one[k]["precision"][k] for k in labels}
+    step_rounds = {k: [r["step_s_median"][k] for r in v] for k, v in runs.items()}
+    loss_rounds = {k: [r["loss_s_median"][k] for r in v] for k, v in runs.items() if k in one[k]["loss_s_median"]}
+    med = {k: float(np.median(v)) for k, v in step_rounds.items()}
+    loss = {k: float(np.median(v)) for k, v in loss_rounds.items()}
+    first = [k for k in labels if trainer_of[k] == trainers[0]]
+    ref = {k: next((r for r in first if precision[r] == precision[k]), first[0]) for k in labels}
+    loader: dict[str, list[float]] = {}
+    loader_workers: dict[str, list[float]] = {}
+    for v in runs.values():
+        for r in v:
+            for name, rate in r["loader_batches_per_s"].items():
+                loader.setdefault(name, []).append(rate)
+            for name, rate in r["loader_batches_per_s_workers"].items():
+                loader_workers.setdefault(name, []).append(rate)
+    report = {
+        "device": one[labels[0]]["device"], "dataset": dataset, "configuration": configuration, "plans": plans,
+        "iterations": iterations, "mode": f"one process per trainer and variant, {rounds} rounds alternating",
+        "reference": trainers[0], "trainer": trainer_of, "precision": precision,
+        "batch_size": {k: one[k]["batch_size"][k] for k in labels},
+        "step_s_median": med, "step_s_rounds": step_rounds,
+        "first_step_s": {k: one[k]["first_step_s"][k] for k in labels},
+        "step_ratio_vs_reference": {k: med[k] / med[ref[k]] for k in labels},
+        "loss_s_median": loss, "loss_s_rounds": loss_rounds,
+        "loss_share_of_step": {k: loss[k] / med[k] for k in loss},
+        "loader_batches_per_s": {k: float(np.median(v)) for k, v in loader.items()}, "loader_workers": workers,
+        "loader_batches_per_s_workers": {k: float(np.median(v)) for k, v in loader_workers.items()},
+        "peak_mem_mib": None, "peak_mem_ratio_vs_reference": None,
+        "cpu_allocator": {k: one[k]["cpu_allocator"] for k in labels},
+        "speedup_vs_fp32": {k: med[f"{trainer_of[k]} [fp32]"] / med[k] for k in labels
+                            if f"{trainer_of[k]} [fp32]" in med},
+        "cpu_flags": sorted({"avx2", "avx512f", "avx512_bf16", "amx_bf16"} & _cpu_flags()),
+        "date": time.strftime("%Y-%m-%d"),
+    }
+    report["goals"] = _goals(report)
     return report
 
 
@@ -283,8 +388,9 @@ def format_report(r: dict) -> str:
     nan = float("nan")
     peak = r.get("peak_mem_mib") or {}
     lines = [(f"device: {r['device']}; {r['dataset']} {r['configuration']} {r['plans']}; {r['iterations']} timed "
-              f"iterations (median), trainers interleaved; data loading excluded from the step"
-              + (f"; CPU allocator: {r['cpu_allocator']}" if r.get("cpu_allocator") else "") + f"; {r['date']}"), "",
+              f"iterations (median), {r.get('mode', 'trainers interleaved')}; data loading excluded from the step"
+              + (f"; CPU allocator: {r['cpu_allocator']}" if isinstance(r.get("cpu_allocator"), str) else "")
+              + f"; {r['date']}"), "",
              (f"| run | precision | batch (cases) | step [s] | x {r['reference']}"
               + (" (same variant; speed-ups below)" if r.get("speedup_vs_fp32") else "") + " | selection + loss [s] | share of "
               "step | peak memory [MiB] | x memory |"), "|---|---|---|---|---|---|---|---|---|"]
@@ -299,6 +405,11 @@ def format_report(r: dict) -> str:
                   "speed-up over the same trainer's float32 step (first step, with any compilation, in s): " + ", ".join(
                       f"{k} {v:.2f}x ({r['first_step_s'].get(k, float('nan')):.1f} s)"
                       for k, v in r["speedup_vs_fp32"].items())]
+    if isinstance(r.get("cpu_allocator"), dict):
+        lines += ["", "CPU allocator of each process: " + ", ".join(f"{k}: {v}" for k, v in r["cpu_allocator"].items())]
+    if r.get("step_s_rounds"):
+        lines += ["", "step [s] per round: " + ", ".join(
+            f"{k} {' / '.join(f'{t:.4f}' for t in v)}" for k, v in r["step_s_rounds"].items())]
     if r.get("bf16_speedup"):
         lines += ["", "bf16 speed-up (fp32 step / bf16 step): " + ", ".join(
             f"{k} {v:.2f}x" for k, v in r["bf16_speedup"].items())]
@@ -319,8 +430,14 @@ def main_bench(args) -> int:
     unknown = [v for v in cpu_fast if v not in CPU_VARIANTS]
     if unknown:
         raise SystemExit(f"--cpu-fast {' '.join(unknown)}: choose from compare, {', '.join(CPU_VARIANTS)}")
-    r = bench_speed(str(args.d), args.c, args.p, args.tr, args.iterations, device=args.device,
-                    cpu_bf16=args.cpu_bf16, workers=args.workers, cpu_fast=cpu_fast)
+    if args.isolate:
+        if args.device != "cpu" or not cpu_fast or args.cpu_bf16 != "auto":
+            raise SystemExit("--isolate times CPU variants: use it with --device cpu and --cpu-fast, without --cpu-bf16")
+        r = bench_speed_isolated(str(args.d), args.c, args.p, args.tr, args.iterations, workers=args.workers,
+                                 cpu_fast=cpu_fast, rounds=args.rounds)
+    else:
+        r = bench_speed(str(args.d), args.c, args.p, args.tr, args.iterations, device=args.device,
+                        cpu_bf16=args.cpu_bf16, workers=args.workers, cpu_fast=cpu_fast)
     print(format_report(r))
     if args.json:
         with open(args.json, "w") as f:

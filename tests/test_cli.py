@@ -123,3 +123,19 @@ def test_bench_speed_reports_loss_share_loaders_and_cpu_bf16(tmp_path):
     for rates in (r["loader_batches_per_s"], r["loader_batches_per_s_workers"]):
         assert set(rates) == {"nnUNetTrainer", "SpadePretrainTrainer"} and all(v > 0 for v in rates.values())
     assert len(r["goals"]) == 6 and "goals:" in res.stdout and "1 workers [batches/s]" in res.stdout
+
+    # --isolate: each trainer and variant in a process of its own, two rounds; the old float32 path with the C
+    # library's allocator defaults and the default variant keeping freed memory can only both hold in two processes
+    res = run([BIN / "nnunet-ssl", "bench-speed", "-d", 994, "-p", "nnUNetPlansTiny", "-tr", "nnUNetTrainer",
+               "SpadePretrainTrainer", "--iterations", 1, "--cpu-fast", "fp32", "fp32-cl", "--isolate", "--rounds", 2,
+               "--json", out], env)
+    r = json.loads(out.read_text())
+    spade = ["SpadePretrainTrainer [fp32]", "SpadePretrainTrainer [fp32-cl]"]
+    assert list(r["step_s_rounds"]) == ["nnUNetTrainer"] + spade
+    assert all(len(v) == 2 and min(v) > 0 for v in r["step_s_rounds"].values())
+    assert r["step_s_median"]["nnUNetTrainer"] == pytest.approx(sum(r["step_s_rounds"]["nnUNetTrainer"]) / 2)
+    assert r["cpu_allocator"] == {"nnUNetTrainer": "C library defaults", spade[0]: "C library defaults",
+                                  spade[1]: "freed memory kept for reuse"}
+    assert set(r["loss_s_rounds"]) == set(spade) and all(0 < v < 1 for v in r["loss_share_of_step"].values())
+    assert r["speedup_vs_fp32"][spade[1]] == pytest.approx(r["step_s_median"][spade[0]] / r["step_s_median"][spade[1]])
+    assert "one process per trainer and variant, 2 rounds alternating" in res.stdout and "goals:" in res.stdout

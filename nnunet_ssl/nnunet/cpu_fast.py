@@ -148,6 +148,11 @@ def keep_freed_memory(log=None) -> bool:
     return _kept_freed_memory
 
 
+def freed_memory_kept() -> bool:
+    """Whether ``keep_freed_memory`` took effect in this process (by any caller)."""
+    return bool(_kept_freed_memory)
+
+
 def cpu_bf16_autocast(enabled: bool = True):
     """bf16 autocast on CPU (a no-op context when not enabled)."""
     return torch.autocast("cpu", dtype=torch.bfloat16) if enabled else nullcontext()
