@@ -52,8 +52,7 @@ class nnUNetTrainerWallClock(DeclaredBudgetMixin, SkipFinalValidationMixin, Cras
     def initialize(self):
         apply_thread_limit(self.print_to_log_file)  # the benchmark's --jobs: a share of the cores
         if self.device.type == "cpu":
-            # the same process setting as the budget's own runs get (no change to the training, only page faults);
-            # keep_freed_memory itself honours NNUNET_SSL_CPU_MALLOC=0
+            # the same process setting as the budget's own runs get (no change to the training, only page faults)
             keep_freed_memory(self.print_to_log_file)
         super().initialize()
 

@@ -120,18 +120,29 @@ TRIM_THRESHOLD = 1 << 30   # free memory at the heap's top handed back to the sy
 _kept_freed_memory: bool | None = None  # None: not tried in this process; else whether it took effect
 
 
-def keep_freed_memory(log=None) -> bool:
+def keep_freed_memory(log=None, default: bool = True) -> bool:
     """Let glibc's malloc keep freed memory for reuse in this process: blocks up to 32 MiB from the heap instead of
     their own mappings, and the heap not shrunk until 1 GiB of it is free (``mallopt`` M_MMAP_THRESHOLD and
     M_TRIM_THRESHOLD). Torch allocates every activation, gradient and temporary of a CPU step with malloc; with
     glibc's defaults, freed blocks go back to the system and the next step's blocks are fresh pages the kernel
     zero-fills on first touch: 3 000-21 000 page faults per CPU-budget step, 5-10 % of a float32 step in a process
     that trains one trainer (BENCHMARKS.md, "CPU step cost"). Peak memory stays within 1 % (the step reuses what
-    it freed). Process-wide, once; False where the C library is not glibc (nothing changes there) or
-    ``NNUNET_SSL_CPU_MALLOC=0``."""
-    global _kept_freed_memory
-    if env_flag(MALLOC_ENV) is False:
+    it freed). Process-wide, once. ``NNUNET_SSL_CPU_MALLOC`` (0/1) decides when set, else ``default`` (a trainer's
+    ``cpu_keep_freed_memory``). Returns whether the setting holds: False when not asked for, or where the C library
+    is not glibc (nothing changes there)."""
+    wanted = env_flag(MALLOC_ENV)
+    if not (default if wanted is None else wanted):
         return False
+    kept = _apply_keep_freed_memory()
+    if log is not None:
+        log("CPU allocator: freed memory kept for reuse (glibc mallopt: blocks < 32 MiB from the heap, trimmed above "
+            "1 GiB free)" if kept else "CPU allocator: unchanged (the C library is not glibc)")
+    return kept
+
+
+def _apply_keep_freed_memory() -> bool:
+    """keep_freed_memory's mallopt calls, once per process (cached)."""
+    global _kept_freed_memory
     if _kept_freed_memory is None:
         _kept_freed_memory = False
         try:
@@ -142,9 +153,6 @@ def keep_freed_memory(log=None) -> bool:
                                       and libc.mallopt(_M_TRIM_THRESHOLD, TRIM_THRESHOLD))
         except (ValueError, OSError, AttributeError):  # not glibc, no C library to load, or no mallopt in it
             _kept_freed_memory = False
-    if log is not None:
-        log("CPU allocator: freed memory kept for reuse (glibc mallopt: blocks < 32 MiB from the heap, trimmed above "
-            "1 GiB free)" if _kept_freed_memory else "CPU allocator: unchanged (the C library is not glibc)")
     return _kept_freed_memory
 
 
@@ -406,9 +414,8 @@ class CPUFastPathMixin:
 
     def initialize(self):
         apply_thread_limit(self.print_to_log_file)
-        keep = env_flag(MALLOC_ENV)
-        if self.device.type == "cpu" and (self.cpu_keep_freed_memory if keep is None else keep):
-            keep_freed_memory(self.print_to_log_file)
+        if self.device.type == "cpu":
+            keep_freed_memory(self.print_to_log_file, default=self.cpu_keep_freed_memory)
         super().initialize()
         self.setup_cpu_fast_path()
 
