@@ -256,12 +256,25 @@ def bench_speed(dataset: str, configuration: str = "3d_fullres", plans: str = "n
 _ISOLATED_ENV = {"fp32": {"NNUNET_SSL_CPU_MALLOC": "0"}}
 
 
+_BAD_INPUT_EXIT = 3  # an isolated configuration's exit status for bad input (its one-line message on stderr)
+
+
 def _run_isolated(spec: str) -> None:
     """One configuration of ``bench_speed_isolated`` in this fresh process; spec: JSON of bench_speed's keyword
     arguments and ``out``, where the report goes."""
+    import sys
+
+    from nnunet_ssl.cli import bad_input_message
     kw = json.loads(spec)
     out = kw.pop("out")
-    report = bench_speed(**kw, allocator="trainer")
+    try:
+        report = bench_speed(**kw, allocator="trainer")
+    except Exception as error:
+        message = bad_input_message(error)
+        if message is None:
+            raise
+        sys.stderr.write(message + "\n")
+        sys.exit(_BAD_INPUT_EXIT)
     with open(out, "w") as f:
         json.dump(report, f)
 
@@ -305,6 +318,9 @@ def bench_speed_isolated(dataset: str, configuration: str = "3d_fullres", plans:
                                   env={**os.environ, **_ISOLATED_ENV.get(v, {})}, capture_output=True, text=True)
             if proc.returncode != 0:
                 last = (proc.stderr.strip().splitlines() or ["(no output)"])[-1]
+                if proc.returncode == _BAD_INPUT_EXIT:
+                    from nnunet_ssl.nnunet.input_checks import BadInputError
+                    raise BadInputError(last)
                 raise RuntimeError(f"bench-speed of {name} [{v}] in its own process failed (exit {proc.returncode}): "
                                    f"{last}")
             with open(out) as f:

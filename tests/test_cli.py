@@ -48,6 +48,10 @@ def test_unknown_dataset_and_corrupt_checkpoints_fail_in_one_line(tmp_path, tiny
     _one_line_error(res, "check-weights", "dataset 4 is not known to nnU-Net", str(tmp_path / "raw"))
     res = subprocess.run([nnunet_ssl, "plan", "-d", "999"], env=env, capture_output=True, text=True)
     _one_line_error(res, "plan", "dataset 999 is not known to nnU-Net")
+    # the same line from bench-speed's isolated processes (the message of the one that failed)
+    res = subprocess.run([nnunet_ssl, "bench-speed", "-d", "999", "--cpu-fast", "fp32", "--isolate", "--rounds", "1"],
+                         env=env, capture_output=True, text=True)
+    _one_line_error(res, "bench-speed", "unknown dataset id 999")
     planned = clean_env(tiny_dataset)  # a planned and preprocessed dataset
     for cmd in (["check-weights", str(tmp_path / "junk.pth"), "-d", "993", "-p", "nnUNetPlansTiny"],
                 ["inspect-embeddings", str(tmp_path / "junk.pth"), "-d", "993"],
