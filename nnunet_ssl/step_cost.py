@@ -8,6 +8,7 @@ step spent in pair selection + loss (``compute_loss``) is timed inside the same 
 """
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import tempfile
@@ -279,6 +280,38 @@ def _run_isolated(spec: str) -> None:
         json.dump(report, f)
 
 
+def _run_rounds(configs, rounds: int, common: dict, workers: int) -> dict[str, list[dict]]:
+    """bench_speed_isolated's processes: every (trainer, variant) of ``configs`` once per round, in order (a stock
+    trainer, found to have no variants, once per round); returns each label's reports, by round."""
+    import subprocess
+    import sys
+    stock: set[str] = set()
+    runs: dict[str, list[dict]] = {}
+    with tempfile.TemporaryDirectory(prefix="nnunet_ssl_bench_isolated_") as tmp:
+        for rnd, (i, (name, v)) in itertools.product(range(rounds), enumerate(configs)):
+            if name in stock and any(c == name for c, _ in configs[:i]):
+                continue
+            out = os.path.join(tmp, f"round{rnd}_{i}.json")
+            spec = dict(common, trainers=[name], cpu_fast=[v], workers=workers if rnd == 0 else 0, out=out)
+            proc = subprocess.run([sys.executable, "-c", "import sys; from nnunet_ssl.step_cost import "
+                                   "_run_isolated; _run_isolated(sys.argv[1])", json.dumps(spec)],
+                                  env={**os.environ, **_ISOLATED_ENV.get(v, {})}, capture_output=True, text=True)
+            if proc.returncode != 0:
+                last = (proc.stderr.strip().splitlines() or ["(no output)"])[-1]
+                if proc.returncode == _BAD_INPUT_EXIT:
+                    from nnunet_ssl.nnunet.input_checks import BadInputError
+                    raise BadInputError(last)
+                raise RuntimeError(f"bench-speed of {name} [{v}] in its own process failed "
+                                   f"(exit {proc.returncode}): {last}")
+            with open(out) as f:
+                r = json.load(f)
+            (label,) = r["step_s_median"]
+            if label == name:
+                stock.add(name)
+            runs.setdefault(label, []).append(r)
+    return runs
+
+
 def bench_speed_isolated(dataset: str, configuration: str = "3d_fullres", plans: str = "nnUNetPlans",
                          trainers: Sequence[str] = ("nnUNetTrainer", "SpadePretrainTrainer"), iterations: int = 10,
                          warmup: int = 2, workers: int = 0, loader_batches: int | None = None,
@@ -290,9 +323,6 @@ def bench_speed_isolated(dataset: str, configuration: str = "3d_fullres", plans:
     round's in ``step_s_rounds`` / ``loss_s_rounds``). ``fp32``, the float32 path before the CPU work, runs with the
     C library's allocator defaults, as it did then; the plugin's other variants keep freed memory, as their training
     runs do; stock trainers keep what nnU-Net has (nothing changed)."""
-    import subprocess
-    import sys
-
     from nnunet_ssl.nnunet.cpu_fast import cpu_supports_bf16
     if rounds < 1:
         raise ValueError(f"rounds must be >= 1, got {rounds}")
@@ -302,33 +332,9 @@ def bench_speed_isolated(dataset: str, configuration: str = "3d_fullres", plans:
     configs = [(name, v) for name in trainers for v in cpu_fast
                if not (v == "bf16" and not cpu_supports_bf16())
                and not (CPU_VARIANTS[v][2] and _is_pretraining_name(name))]
-    tmp = tempfile.mkdtemp(prefix="nnunet_ssl_bench_isolated_")
-    stock: set[str] = set()  # trainers without CPU variants: one process per round
-    runs: dict[str, list[dict]] = {}  # label -> its processes' reports, by round
-    for rnd in range(rounds):
-        for i, (name, v) in enumerate(configs):
-            if name in stock and any(c == name for c, _ in configs[:i]):
-                continue
-            out = os.path.join(tmp, f"round{rnd}_{i}.json")
-            spec = dict(dataset=dataset, configuration=configuration, plans=plans, trainers=[name],
-                        iterations=iterations, warmup=warmup, device="cpu", workers=workers if rnd == 0 else 0,
-                        loader_batches=loader_batches, cpu_fast=[v], out=out)
-            proc = subprocess.run([sys.executable, "-c", "import sys; from nnunet_ssl.step_cost import "
-                                   "_run_isolated; _run_isolated(sys.argv[1])", json.dumps(spec)],
-                                  env={**os.environ, **_ISOLATED_ENV.get(v, {})}, capture_output=True, text=True)
-            if proc.returncode != 0:
-                last = (proc.stderr.strip().splitlines() or ["(no output)"])[-1]
-                if proc.returncode == _BAD_INPUT_EXIT:
-                    from nnunet_ssl.nnunet.input_checks import BadInputError
-                    raise BadInputError(last)
-                raise RuntimeError(f"bench-speed of {name} [{v}] in its own process failed (exit {proc.returncode}): "
-                                   f"{last}")
-            with open(out) as f:
-                r = json.load(f)
-            (label,) = r["step_s_median"]
-            if label == name:
-                stock.add(name)
-            runs.setdefault(label, []).append(r)
+    runs = _run_rounds(configs, rounds, dict(dataset=dataset, configuration=configuration, plans=plans,
+                                             iterations=iterations, warmup=warmup, device="cpu",
+                                             loader_batches=loader_batches), workers)
     labels = list(runs)
     one = {k: v[0] for k, v in runs.items()}
     trainer_of = {k: one[k]["trainer"][k] for k in labels}
@@ -448,7 +454,8 @@ def main_bench(args) -> int:
         raise SystemExit(f"--cpu-fast {' '.join(unknown)}: choose from compare, {', '.join(CPU_VARIANTS)}")
     if args.isolate:
         if args.device != "cpu" or not cpu_fast or args.cpu_bf16 != "auto":
-            raise SystemExit("--isolate times CPU variants: use it with --device cpu and --cpu-fast, without --cpu-bf16")
+            raise SystemExit("--isolate times CPU variants: use it with --device cpu and --cpu-fast, "
+                             "without --cpu-bf16")
         r = bench_speed_isolated(str(args.d), args.c, args.p, args.tr, args.iterations, workers=args.workers,
                                  cpu_fast=cpu_fast, rounds=args.rounds)
     else:
