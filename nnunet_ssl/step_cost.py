@@ -280,36 +280,41 @@ def _run_isolated(spec: str) -> None:
         json.dump(report, f)
 
 
-def _run_rounds(configs, rounds: int, common: dict, workers: int) -> dict[str, list[dict]]:
-    """bench_speed_isolated's processes: every (trainer, variant) of ``configs`` once per round, in order (a stock
-    trainer, found to have no variants, once per round); returns each label's reports, by round."""
-    import subprocess
-    import sys
+def _run_rounds(configs, rounds: int, run_one) -> dict[str, list[dict]]:
+    """Every (trainer, variant) of ``configs`` once per round, in order (a stock trainer, found to have no variants,
+    once per round); ``run_one(name, variant, round)`` gives a configuration's report. Returns each label's reports,
+    by round."""
     stock: set[str] = set()
     runs: dict[str, list[dict]] = {}
-    with tempfile.TemporaryDirectory(prefix="nnunet_ssl_bench_isolated_") as tmp:
-        for rnd, (i, (name, v)) in itertools.product(range(rounds), enumerate(configs)):
-            if name in stock and any(c == name for c, _ in configs[:i]):
-                continue
-            out = os.path.join(tmp, f"round{rnd}_{i}.json")
-            spec = dict(common, trainers=[name], cpu_fast=[v], workers=workers if rnd == 0 else 0, out=out)
-            proc = subprocess.run([sys.executable, "-c", "import sys; from nnunet_ssl.step_cost import "
-                                   "_run_isolated; _run_isolated(sys.argv[1])", json.dumps(spec)],
-                                  env={**os.environ, **_ISOLATED_ENV.get(v, {})}, capture_output=True, text=True)
-            if proc.returncode != 0:
-                last = (proc.stderr.strip().splitlines() or ["(no output)"])[-1]
-                if proc.returncode == _BAD_INPUT_EXIT:
-                    from nnunet_ssl.nnunet.input_checks import BadInputError
-                    raise BadInputError(last)
-                raise RuntimeError(f"bench-speed of {name} [{v}] in its own process failed "
-                                   f"(exit {proc.returncode}): {last}")
-            with open(out) as f:
-                r = json.load(f)
-            (label,) = r["step_s_median"]
-            if label == name:
-                stock.add(name)
-            runs.setdefault(label, []).append(r)
+    for rnd, (i, (name, v)) in itertools.product(range(rounds), enumerate(configs)):
+        if name in stock and any(c == name for c, _ in configs[:i]):
+            continue
+        r = run_one(name, v, rnd)
+        (label,) = r["step_s_median"]
+        if label == name:
+            stock.add(name)
+        runs.setdefault(label, []).append(r)
     return runs
+
+
+def _run_in_process(name: str, variant: str, rnd: int, folder: str, common: dict, workers: int) -> dict:
+    """One configuration's bench_speed report from a fresh Python process (``_run_isolated``)."""
+    import subprocess
+    import sys
+    out = os.path.join(folder, f"{name}_{variant}_round{rnd}.json")
+    spec = dict(common, trainers=[name], cpu_fast=[variant], workers=workers if rnd == 0 else 0, out=out)
+    proc = subprocess.run([sys.executable, "-c", "import sys; from nnunet_ssl.step_cost import _run_isolated; "
+                           "_run_isolated(sys.argv[1])", json.dumps(spec)],
+                          env={**os.environ, **_ISOLATED_ENV.get(variant, {})}, capture_output=True, text=True)
+    if proc.returncode != 0:
+        last = (proc.stderr.strip().splitlines() or ["(no output)"])[-1]
+        if proc.returncode == _BAD_INPUT_EXIT:
+            from nnunet_ssl.nnunet.input_checks import BadInputError
+            raise BadInputError(last)
+        raise RuntimeError(f"bench-speed of {name} [{variant}] in its own process failed (exit {proc.returncode}): "
+                           f"{last}")
+    with open(out) as f:
+        return json.load(f)
 
 
 def bench_speed_isolated(dataset: str, configuration: str = "3d_fullres", plans: str = "nnUNetPlans",
@@ -332,9 +337,17 @@ def bench_speed_isolated(dataset: str, configuration: str = "3d_fullres", plans:
     configs = [(name, v) for name in trainers for v in cpu_fast
                if not (v == "bf16" and not cpu_supports_bf16())
                and not (CPU_VARIANTS[v][2] and _is_pretraining_name(name))]
-    runs = _run_rounds(configs, rounds, dict(dataset=dataset, configuration=configuration, plans=plans,
-                                             iterations=iterations, warmup=warmup, device="cpu",
-                                             loader_batches=loader_batches), workers)
+    common = dict(dataset=dataset, configuration=configuration, plans=plans, iterations=iterations, warmup=warmup,
+                  device="cpu", loader_batches=loader_batches)
+    with tempfile.TemporaryDirectory(prefix="nnunet_ssl_bench_isolated_") as folder:
+        runs = _run_rounds(configs, rounds, lambda name, v, rnd: _run_in_process(name, v, rnd, folder, common,
+                                                                                 workers))
+    return _isolated_report(runs, trainers, rounds, dataset, configuration, plans, iterations, workers)
+
+
+def _isolated_report(runs: dict[str, list[dict]], trainers: Sequence[str], rounds: int, dataset: str,
+                     configuration: str, plans: str, iterations: int, workers: int) -> dict:
+    """bench_speed's report from the isolated processes' reports (``runs``: label -> reports, by round)."""
     labels = list(runs)
     one = {k: v[0] for k, v in runs.items()}
     trainer_of = {k: one[k]["trainer"][k] for k in labels}
@@ -355,7 +368,8 @@ def bench_speed_isolated(dataset: str, configuration: str = "3d_fullres", plans:
                 loader_workers.setdefault(name, []).append(rate)
     report = {
         "device": one[labels[0]]["device"], "dataset": dataset, "configuration": configuration, "plans": plans,
-        "iterations": iterations, "mode": f"one process per trainer and variant, {rounds} rounds alternating",
+        "iterations": iterations, "mode": "one process per trainer and variant, "
+                                             + (f"{rounds} rounds alternating" if rounds > 1 else "1 round"),
         "reference": trainers[0], "trainer": trainer_of, "precision": precision,
         "batch_size": {k: one[k]["batch_size"][k] for k in labels},
         "step_s_median": med, "step_s_rounds": step_rounds,

@@ -107,6 +107,39 @@ def test_bench_speed_goals_are_judged_against_the_issue_thresholds():
     assert "met     Spade: two-view loader >= 0.45 x standard loader (single process) (measured 0.50)" in text
 
 
+def test_isolated_bench_speed_alternates_configurations_and_takes_medians_over_rounds():
+    from nnunet_ssl.step_cost import _isolated_report, _run_rounds, format_report
+    steps = {("Stock", "fp32"): [1.0, 1.2, 1.1], ("Spade", "fp32"): [2.0, 2.4, 2.2],
+             ("Spade", "fp32-cl"): [1.0, 1.5, 1.1]}
+    calls = []
+
+    def one_process(name, variant, rnd):  # what _run_in_process returns: that process's bench_speed report
+        calls.append((name, variant, rnd))
+        label = name if name == "Stock" else f"{name} [{variant}]"
+        t = steps[(name, variant)][rnd]
+        return {"device": "cpu", "step_s_median": {label: t}, "trainer": {label: name}, "batch_size": {label: 2},
+                "precision": {label: "fp32" if name == "Stock" else variant}, "first_step_s": {label: 0.5},
+                "loss_s_median": {} if name == "Stock" else {label: t / 10}, "loader_workers": 0,
+                "loader_batches_per_s": {name: 10.0 + rnd}, "loader_batches_per_s_workers": {},
+                "cpu_allocator": "C library defaults" if variant == "fp32" else "freed memory kept for reuse"}
+    configs = [("Stock", "fp32"), ("Stock", "fp32-cl"), ("Spade", "fp32"), ("Spade", "fp32-cl")]
+    runs = _run_rounds(configs, 3, one_process)
+    # each round in order; a stock trainer (one label, no variant) runs once per round
+    assert calls == [(n, v, r) for r in range(3) for n, v in configs if (n, v) != ("Stock", "fp32-cl")]
+    r = _isolated_report(runs, ["Stock", "Spade"], 3, "4", "3d_fullres", "p", 40, 0)
+    assert r["step_s_rounds"] == {"Stock": [1.0, 1.2, 1.1], "Spade [fp32]": [2.0, 2.4, 2.2],
+                                  "Spade [fp32-cl]": [1.0, 1.5, 1.1]}
+    assert r["step_s_median"] == {"Stock": 1.1, "Spade [fp32]": 2.2, "Spade [fp32-cl]": 1.1}
+    assert r["speedup_vs_fp32"] == {"Spade [fp32]": 1.0, "Spade [fp32-cl]": pytest.approx(2.0)}
+    assert r["step_ratio_vs_reference"]["Spade [fp32]"] == pytest.approx(2.0)
+    assert r["loss_share_of_step"] == {"Spade [fp32]": pytest.approx(0.1), "Spade [fp32-cl]": pytest.approx(0.1)}
+    assert r["loader_batches_per_s"] == {"Stock": 11.0, "Spade": 11.0}
+    assert r["cpu_allocator"]["Spade [fp32]"] == "C library defaults"
+    text = format_report(r)
+    assert "one process per trainer and variant, 3 rounds alternating" in text
+    assert "Spade [fp32-cl] 1.0000 / 1.5000 / 1.1000" in text and "MISSED  Spade [fp32-cl]: pair selection" in text
+
+
 @pytest.mark.slow
 def test_bench_speed_reports_loss_share_loaders_and_cpu_bf16(tmp_path):
     env = clean_env(tmp_path)
@@ -128,18 +161,18 @@ def test_bench_speed_reports_loss_share_loaders_and_cpu_bf16(tmp_path):
         assert set(rates) == {"nnUNetTrainer", "SpadePretrainTrainer"} and all(v > 0 for v in rates.values())
     assert len(r["goals"]) == 6 and "goals:" in res.stdout and "1 workers [batches/s]" in res.stdout
 
-    # --isolate: each trainer and variant in a process of its own, two rounds; the old float32 path with the C
-    # library's allocator defaults and the default variant keeping freed memory can only both hold in two processes
+    # --isolate: each trainer and variant in a process of its own (rounds: the test above); the old float32 path
+    # with the C library's allocator defaults and the default variant keeping freed memory can only both hold in two
+    # processes
     res = run([BIN / "nnunet-ssl", "bench-speed", "-d", 994, "-p", "nnUNetPlansTiny", "-tr", "nnUNetTrainer",
-               "SpadePretrainTrainer", "--iterations", 1, "--cpu-fast", "fp32", "fp32-cl", "--isolate", "--rounds", 2,
+               "SpadePretrainTrainer", "--iterations", 1, "--cpu-fast", "fp32", "fp32-cl", "--isolate", "--rounds", 1,
                "--json", out], env)
     r = json.loads(out.read_text())
     spade = ["SpadePretrainTrainer [fp32]", "SpadePretrainTrainer [fp32-cl]"]
     assert list(r["step_s_rounds"]) == ["nnUNetTrainer"] + spade
-    assert all(len(v) == 2 and min(v) > 0 for v in r["step_s_rounds"].values())
-    assert r["step_s_median"]["nnUNetTrainer"] == pytest.approx(sum(r["step_s_rounds"]["nnUNetTrainer"]) / 2)
+    assert all(len(v) == 1 and min(v) > 0 for v in r["step_s_rounds"].values())
     assert r["cpu_allocator"] == {"nnUNetTrainer": "C library defaults", spade[0]: "C library defaults",
                                   spade[1]: "freed memory kept for reuse"}
     assert set(r["loss_s_rounds"]) == set(spade) and all(0 < v < 1 for v in r["loss_share_of_step"].values())
     assert r["speedup_vs_fp32"][spade[1]] == pytest.approx(r["step_s_median"][spade[0]] / r["step_s_median"][spade[1]])
-    assert "one process per trainer and variant, 2 rounds alternating" in res.stdout and "goals:" in res.stdout
+    assert "one process per trainer and variant, 1 round;" in res.stdout and "goals:" in res.stdout
