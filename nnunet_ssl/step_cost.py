@@ -134,6 +134,31 @@ def _loader_workers(dl, workers: int, n: int, pin_memory: bool) -> float:
         gen._finish()
 
 
+def _variant_runs(trainer: str, variant: str) -> bool:
+    """Whether a CPU variant applies: bf16 only where the CPU has it; no compiled variant of a pretraining trainer
+    (the pretraining engine's forward is its own: nothing for cpu_compile to compile)."""
+    from nnunet_ssl.nnunet.cpu_fast import cpu_supports_bf16
+    if variant == "bf16" and not cpu_supports_bf16():
+        return False
+    return not (CPU_VARIANTS[variant][2] and _is_pretraining_name(trainer))
+
+
+def _references(labels, trainer_of: dict, precision: dict, reference: str) -> dict[str, str]:
+    """Each run's reference: a run of the ``reference`` trainer at the same precision (else its first run: float32
+    for bf16 runs of trainers that have no fast path, e.g. the stock nnUNetTrainer)."""
+    first = [k for k in labels if trainer_of[k] == reference]
+    return {k: next((r for r in first if precision[r] == precision[k]), first[0]) for k in labels}
+
+
+def _speedups_vs_fp32(med: dict, trainer_of: dict) -> dict[str, float]:
+    """Each run's speed-up over its trainer's ``fp32`` variant, where that ran."""
+    return {k: med[f"{trainer_of[k]} [fp32]"] / t for k, t in med.items() if f"{trainer_of[k]} [fp32]" in med}
+
+
+def _reported_cpu_flags() -> list[str]:
+    return sorted({"avx2", "avx512f", "avx512_bf16", "amx_bf16"} & _cpu_flags())
+
+
 def bench_speed(dataset: str, configuration: str = "3d_fullres", plans: str = "nnUNetPlans",
                 trainers: Sequence[str] = ("nnUNetTrainer", "SpadePretrainTrainer"), iterations: int = 10,
                 warmup: int = 2, device: str = "cpu", cpu_bf16: str = "auto", workers: int = 0,
@@ -158,15 +183,12 @@ def bench_speed(dataset: str, configuration: str = "3d_fullres", plans: str = "n
     setting = {"auto": None, "on": True, "off": False, "compare": False}[cpu_bf16]
     built: dict[str, object] = {}  # label -> trainer
     trainer_of: dict[str, str] = {}
-    from nnunet_ssl.nnunet.cpu_fast import cpu_supports_bf16
     for name in trainers:
         if cpu_fast and dev.type == "cpu":
             probe = None
             for v in cpu_fast:
-                if v == "bf16" and not cpu_supports_bf16():
+                if not _variant_runs(name, v):
                     continue
-                if CPU_VARIANTS[v][2] and _is_pretraining_name(name):
-                    continue  # the pretraining engine's forward is its own: nothing for cpu_compile to compile
                 t = _build(name, dataset, configuration, plans, dev, variant=CPU_VARIANTS[v])
                 if not isinstance(t, CPUFastPathMixin):  # stock trainers have one variant: float32
                     probe = t
@@ -207,10 +229,7 @@ def bench_speed(dataset: str, configuration: str = "3d_fullres", plans: str = "n
             if dev.type == "cuda":
                 peak[k] = max(peak.get(k, 0), torch.cuda.max_memory_allocated() / 2 ** 20)
     med = {k: float(np.median(v)) for k, v in times.items()}
-    # reference of each run: the first trainer at the same precision (float32 reference for bf16 runs of
-    # trainers that have no fast path, e.g. the stock nnUNetTrainer)
-    first = [k for k in labels if trainer_of[k] == trainers[0]]
-    ref = {k: next((r for r in first if precision[r] == precision[k]), first[0]) for k in labels}
+    ref = _references(labels, trainer_of, precision, trainers[0])
     # loaders: one per trainer (precision does not change them)
     n = loader_batches or max(20, 2 * iterations)  # loader batches are cheap; their times vary with augmentation
     loaders = {}
@@ -238,9 +257,8 @@ def bench_speed(dataset: str, configuration: str = "3d_fullres", plans: str = "n
     if dev.type == "cpu":
         report["cpu_allocator"] = "freed memory kept for reuse" if freed_memory_kept() else "C library defaults"
     if cpu_fast:
-        report["speedup_vs_fp32"] = {k: med[f"{trainer_of[k]} [fp32]"] / med[k] for k in labels
-                                     if f"{trainer_of[k]} [fp32]" in med}
-        report["cpu_flags"] = sorted({"avx2", "avx512f", "avx512_bf16", "amx_bf16"} & _cpu_flags())
+        report["speedup_vs_fp32"] = _speedups_vs_fp32(med, trainer_of)
+        report["cpu_flags"] = _reported_cpu_flags()
     if cpu_bf16 == "compare":
         report["bf16_speedup"] = {
             name: med[f"{name} [fp32]"] / med[f"{name} [bf16]"] for name in trainers if f"{name} [bf16]" in med}
@@ -328,15 +346,12 @@ def bench_speed_isolated(dataset: str, configuration: str = "3d_fullres", plans:
     round's in ``step_s_rounds`` / ``loss_s_rounds``). ``fp32``, the float32 path before the CPU work, runs with the
     C library's allocator defaults, as it did then; the plugin's other variants keep freed memory, as their training
     runs do; stock trainers keep what nnU-Net has (nothing changed)."""
-    from nnunet_ssl.nnunet.cpu_fast import cpu_supports_bf16
     if rounds < 1:
         raise ValueError(f"rounds must be >= 1, got {rounds}")
     unknown = [v for v in cpu_fast if v not in CPU_VARIANTS]
     if unknown or not cpu_fast:
         raise ValueError(f"cpu_fast: name one or more of {', '.join(CPU_VARIANTS)} (got {list(cpu_fast)})")
-    configs = [(name, v) for name in trainers for v in cpu_fast
-               if not (v == "bf16" and not cpu_supports_bf16())
-               and not (CPU_VARIANTS[v][2] and _is_pretraining_name(name))]
+    configs = [(name, v) for name in trainers for v in cpu_fast if _variant_runs(name, v)]
     common = dict(dataset=dataset, configuration=configuration, plans=plans, iterations=iterations, warmup=warmup,
                   device="cpu", loader_batches=loader_batches)
     with tempfile.TemporaryDirectory(prefix="nnunet_ssl_bench_isolated_") as folder:
@@ -356,8 +371,7 @@ def _isolated_report(runs: dict[str, list[dict]], trainers: Sequence[str], round
     loss_rounds = {k: [r["loss_s_median"][k] for r in v] for k, v in runs.items() if k in one[k]["loss_s_median"]}
     med = {k: float(np.median(v)) for k, v in step_rounds.items()}
     loss = {k: float(np.median(v)) for k, v in loss_rounds.items()}
-    first = [k for k in labels if trainer_of[k] == trainers[0]]
-    ref = {k: next((r for r in first if precision[r] == precision[k]), first[0]) for k in labels}
+    ref = _references(labels, trainer_of, precision, trainers[0])
     loader: dict[str, list[float]] = {}
     loader_workers: dict[str, list[float]] = {}
     for v in runs.values():
@@ -381,9 +395,7 @@ def _isolated_report(runs: dict[str, list[dict]], trainers: Sequence[str], round
         "loader_batches_per_s_workers": {k: float(np.median(v)) for k, v in loader_workers.items()},
         "peak_mem_mib": None, "peak_mem_ratio_vs_reference": None,
         "cpu_allocator": {k: one[k]["cpu_allocator"] for k in labels},
-        "speedup_vs_fp32": {k: med[f"{trainer_of[k]} [fp32]"] / med[k] for k in labels
-                            if f"{trainer_of[k]} [fp32]" in med},
-        "cpu_flags": sorted({"avx2", "avx512f", "avx512_bf16", "amx_bf16"} & _cpu_flags()),
+        "speedup_vs_fp32": _speedups_vs_fp32(med, trainer_of), "cpu_flags": _reported_cpu_flags(),
         "date": time.strftime("%Y-%m-%d"),
     }
     report["goals"] = _goals(report)
