@@ -8,6 +8,10 @@ import pytest
 BIN = Path(sys.executable).parent
 REPO = Path(__file__).resolve().parents[1]
 HIPPOCAMPUS = REPO.parent / "shared" / "data" / "Dataset004_Hippocampus"
+# the cores each pytest-xdist worker may use: under `-n 2` on 2 cores, two trainings that each take every core
+# (nnUNetv2_train sets torch's threads to the CPU count) spin against each other, and their steps run several times
+# slower than with one thread each (cpu_fast.apply_thread_limit)
+THREADS = str(max(1, (os.cpu_count() or 1) // max(1, int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")))))
 
 
 def clean_env(root: Path, **extra) -> dict:
@@ -15,7 +19,7 @@ def clean_env(root: Path, **extra) -> dict:
     env = {k: v for k, v in os.environ.items() if k != "nnUNet_extTrainer" and not k.startswith("NNUNET_SSL")}
     env.update({"nnUNet_raw": str(root / "raw"), "nnUNet_preprocessed": str(root / "preprocessed"),
                 "nnUNet_results": str(root / "results"), "nnUNet_n_proc_DA": "0", "nnUNet_compile": "false",
-                "OMP_NUM_THREADS": "2"})
+                "OMP_NUM_THREADS": THREADS, "NNUNET_SSL_NUM_THREADS": THREADS})
     env.update({k: str(v) for k, v in extra.items()})
     return env
 

@@ -138,6 +138,34 @@ def test_training_checks_in_process(tmp_path, monkeypatch):
         input_checks.check_training_input("four", "3d_fullres", "nnUNetPlans")
 
 
+def test_thread_cap_holds_for_stock_trainers_and_bad_values_fail_in_one_line(tiny_dataset, monkeypatch):
+    """nnUNetv2_train sets torch's threads to the CPU count before it builds the trainer; the patched
+    get_trainer_from_args applies NNUNET_SSL_NUM_THREADS after that, for nnU-Net's own trainers as well."""
+    from nnunetv2.run import run_training
+    for var, value in clean_env(tiny_dataset).items():
+        if var.startswith("nnUNet_"):
+            monkeypatch.setenv(var, value)
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)  # what nnUNetv2_train -device cpu does on a 2-core machine
+        monkeypatch.setenv("NNUNET_SSL_NUM_THREADS", "1")
+        trainer = run_training.get_trainer_from_args(str(TINY_DATASET_ID), "3d_fullres", 0, "nnUNetTrainer",
+                                                     TINY_PLANS, device=torch.device("cpu"))
+        assert type(trainer).__name__ == "nnUNetTrainer" and torch.get_num_threads() == 1
+        torch.set_num_threads(2)
+        monkeypatch.setenv("NNUNET_SSL_NUM_THREADS", "two")
+        with pytest.raises(BadInputError, match="NNUNET_SSL_NUM_THREADS='two': expected a positive number") as info:
+            run_training.get_trainer_from_args(str(TINY_DATASET_ID), "3d_fullres", 0, "nnUNetTrainer", TINY_PLANS,
+                                               device=torch.device("cpu"))
+        assert "\n" not in str(info.value) and torch.get_num_threads() == 2
+        monkeypatch.delenv("NNUNET_SSL_NUM_THREADS")
+        run_training.get_trainer_from_args(str(TINY_DATASET_ID), "3d_fullres", 0, "nnUNetTrainer", TINY_PLANS,
+                                           device=torch.device("cpu"))
+        assert torch.get_num_threads() == 2  # unset: nnU-Net's choice stays
+    finally:
+        torch.set_num_threads(before)
+
+
 def test_2d_dataset_given_a_3d_configuration():
     with pytest.raises(BadInputError, match=r"Dataset996_Flat is a 2D dataset: .*\(nnUNetPlans has: 2d\); use -c 2d"):
         input_checks.check_configuration({"configurations": {"2d": {}}}, "Dataset996_Flat", "nnUNetPlans",

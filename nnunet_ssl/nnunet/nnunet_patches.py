@@ -8,7 +8,9 @@ plans file, bare assertions, or failures much later than the cause):
 
 * ``nnunetv2.run.run_training``: ``get_trainer_from_args`` checks the nnU-Net paths, the dataset, its plans, the
   configuration and the preprocessed data before nnU-Net builds the trainer (only folders and JSON files are
-  read), and lists the trainers that exist when the requested one is unknown; ``maybe_load_checkpoint`` explains
+  read), lists the trainers that exist when the requested one is unknown, and applies ``NNUNET_SSL_NUM_THREADS``
+  (a cap on torch's threads, ``cpu_fast.apply_thread_limit``) after nnU-Net's ``torch.set_num_threads(cpu_count)``,
+  so that it holds for stock trainers too; ``maybe_load_checkpoint`` explains
   ``-pretrained_weights`` that do not fit the network; ``run_training_entry`` prints these errors as one line.
 * ``nnunetv2.inference.predict_from_raw_data``: ``get_output_folder`` checks the dataset and that the trained
   model folder exists; ``predict_entry_point`` prints these errors as one line.
@@ -22,6 +24,7 @@ import inspect
 import os
 import sys
 
+from nnunet_ssl.nnunet.cpu_fast import apply_thread_limit
 from nnunet_ssl.nnunet.input_checks import (BadInputError, check_model_folder, check_training_input,
                                             pretrained_weights_message, resolve_dataset)
 from nnunet_ssl.nnunet.trainer_names import (external_trainer_names, nnunet_trainer_names, plugin_trainer_names,
@@ -67,6 +70,11 @@ def patch_run_training(module) -> None:
         arguments.apply_defaults()
         given = arguments.arguments
         check_training_input(given["dataset_name_or_id"], given["configuration"], given["plans_identifier"])
+        # after nnU-Net's torch.set_num_threads(cpu_count): the cap holds for every trainer, stock ones included
+        try:
+            apply_thread_limit()
+        except ValueError as error:
+            raise BadInputError(str(error)) from None
         try:
             return original_get_trainer(*args, **kwargs)
         except RuntimeError as error:
