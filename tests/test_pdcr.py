@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from conftest import BIN, clean_env, phantom_workspace, run
+from test_cpu_fast import nnunet_dirs  # noqa: F401 (fixture)
 from nnunet_ssl.core.composition import composition_affinity, grid_positions, label_composition
 from nnunet_ssl.core.loss import affinity_weighted_loss
 from nnunet_ssl.core.uafs import UAFSBlock
@@ -273,3 +274,51 @@ def test_pdcr_loss_of_two_stages_matches_slow_reference():
     assert terms["pdcr_1"].item() == pytest.approx(ref[1], rel=1e-5)
     assert terms["pdcr_cross"].item() == pytest.approx(ref[2], rel=1e-5)
     assert total.item() == pytest.approx(0.3 * (ref[0] + ref[1]) + 0.7 * ref[2], rel=1e-5)
+
+
+def test_pdcr_on_the_warm_up_recipe_keeps_its_heads_through_the_schedule(nnunet_dirs):
+    """PDCRFinetuneTrainer: nnUNetTrainerFinetune's warm-up schedule with the heads in the optimizer exactly once; the
+    warm-up -> poly switch keeps the heads, their momentum and the optimizer; every group follows the schedule's lr;
+    a resumed trainer rebuilds the two-group optimizer of the phase it resumes in and loads its state."""
+    from test_cpu_fast import DATASET_JSON, _plans, _segmentation_batch
+    from nnunet_ssl.trainers import PDCRFinetuneTrainer_smoke, nnUNetTrainerFinetune_smoke
+    cpu = torch.device("cpu")
+
+    def trainer(cls):
+        torch.manual_seed(0)
+        tr = cls(_plans(), "3d_fullres", 0, DATASET_JSON, cpu)
+        tr.cpu_bf16 = False
+        tr.initialize()
+        return tr
+
+    tr = trainer(PDCRFinetuneTrainer_smoke)
+    heads = {id(p) for p in tr.pdcr_heads.parameters()}
+
+    def groups_holding_heads(opt):
+        return [i for i, g in enumerate(opt.param_groups) if heads & {id(p) for p in g["params"]}]
+
+    assert groups_holding_heads(tr.optimizer) == [1] and len(tr.optimizer.param_groups) == 2
+    scratch = trainer(nnUNetTrainerFinetune_smoke)  # the same schedule without the regulariser
+    for epoch in range(2):  # epoch 0 warms up (warmup_epochs 1), epoch 1 switches to the poly decay
+        tr.current_epoch = scratch.current_epoch = epoch
+        tr.on_train_epoch_start()
+        scratch.on_train_epoch_start()
+        assert [g["lr"] for g in tr.optimizer.param_groups] == [scratch.optimizer.param_groups[0]["lr"]] * 2
+        before = [p.detach().clone() for p in tr.pdcr_heads.parameters()]
+        out = tr.train_step(_segmentation_batch(epoch))
+        assert np.isfinite(out["loss"]) and "pdcr_cross" in out
+        assert all(not torch.equal(a, b) for a, b in zip(before, tr.pdcr_heads.parameters()))  # the heads train
+        assert groups_holding_heads(tr.optimizer) == [1] and len(tr.optimizer.param_groups) == 2
+        if epoch == 0:
+            warm_optimizer = tr.optimizer
+            momentum = {id(p): tr.optimizer.state[p]["momentum_buffer"].clone() for p in tr.pdcr_heads.parameters()}
+    assert tr.training_stage == "train" and tr.optimizer is warm_optimizer  # nnU-Net keeps the warm-up's momentum
+    assert all(not torch.equal(momentum[id(p)], tr.optimizer.state[p]["momentum_buffer"])
+               for p in tr.pdcr_heads.parameters())
+    tr.save_checkpoint(str(nnunet_dirs / "ckpt.pth"))
+    resumed = trainer(PDCRFinetuneTrainer_smoke)
+    resumed.load_checkpoint(str(nnunet_dirs / "ckpt.pth"))
+    assert resumed.training_stage == "train" and len(resumed.optimizer.param_groups) == 2
+    for a, b in zip(resumed.pdcr_heads.parameters(), tr.pdcr_heads.parameters()):
+        assert torch.equal(a, b.contiguous())
+        assert torch.equal(resumed.optimizer.state[a]["momentum_buffer"], tr.optimizer.state[b]["momentum_buffer"])

@@ -30,9 +30,15 @@ from nnunet_ssl.nnunet.budget import SmokeBudget
 from nnunet_ssl.nnunet.feature_decoder import convert_decoder, stage_index
 from nnunet_ssl.nnunet.model import encoder_strides, unwrap
 from nnunet_ssl.nnunet.segmentation import SegmentationTrainerMixin
+from nnunet_ssl.trainers.finetune import (nnUNetTrainerFinetune, nnUNetTrainerFinetune_cpu_120ep,
+                                         nnUNetTrainerFinetune_smoke)
 
 
-class PDCRTrainer(SegmentationTrainerMixin, nnUNetTrainer):
+class PDCRRegulariserMixin:
+    """The PDCR regulariser on a segmentation trainer of the plugin (first in the bases): decoder stages captured in
+    the forward pass, their projection heads (trained with the network, saved with it), the regularised training
+    step. The base trainer's schedule stays; ``configure_optimizers`` of the concrete trainer adds the heads."""
+
     pdcr_stages: Tuple[int, ...] = (-2, -1)  # decoder stages (negative: from full resolution)
     pdcr_grid_stride: int = 8                # sample spacing in input voxels (rounded up to the stages' strides)
     pdcr_window_scale: int = 2               # composition window = scale x stage stride + 1 voxels per axis
@@ -64,18 +70,19 @@ class PDCRTrainer(SegmentationTrainerMixin, nnUNetTrainer):
         channels = [int(dec.encoder.output_channels[-(i + 2)]) for i in idx]
         return idx, stage_strides, channels
 
-    def configure_optimizers(self):
+    pdcr_heads = None
+
+    def build_pdcr_heads(self) -> nn.ModuleList:
+        """The projection heads, built once (on the first ``configure_optimizers``; a schedule with phases calls it
+        again and must keep them), and the decoder told which stages to capture."""
         idx, _, channels = self._stage_geometry()
         unwrap(self.network).decoder.capture_stages = tuple(idx)
-        conv = nn.Conv3d if len(self.configuration_manager.patch_size) == 3 else nn.Conv2d
-        self.pdcr_heads = nn.ModuleList([conv(c, self.pdcr_proj_dim, 1) for c in channels]).to(self.device)
-        if self.is_ddp:  # nnU-Net's DDP wraps the network only: start the heads from rank 0's weights everywhere
-            broadcast_parameters_(self.pdcr_heads)
-        params = list(self.network.parameters()) + list(self.pdcr_heads.parameters())
-        from nnunetv2.training.lr_scheduler.polylr import PolyLRScheduler
-        optimizer = torch.optim.SGD(params, self.initial_lr, weight_decay=self.weight_decay, momentum=0.99,
-                                    nesterov=True)
-        return optimizer, PolyLRScheduler(optimizer, self.initial_lr, self.num_epochs)
+        if self.pdcr_heads is None:
+            conv = nn.Conv3d if len(self.configuration_manager.patch_size) == 3 else nn.Conv2d
+            self.pdcr_heads = nn.ModuleList([conv(c, self.pdcr_proj_dim, 1) for c in channels]).to(self.device)
+            if self.is_ddp:  # nnU-Net's DDP wraps the network only: start the heads from rank 0's weights everywhere
+                broadcast_parameters_(self.pdcr_heads)
+        return self.pdcr_heads
 
     # ------------------------------------------------------------------ the regulariser
     def pdcr_regulariser(self, target: torch.Tensor) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
@@ -155,6 +162,36 @@ class PDCRTrainer(SegmentationTrainerMixin, nnUNetTrainer):
             self.pdcr_heads.load_state_dict(ckpt["pdcr_heads"])
 
 
+class PDCRTrainer(PDCRRegulariserMixin, SegmentationTrainerMixin, nnUNetTrainer):
+    """PDCR on nnU-Net's own schedule (no warm-up, peak lr 1e-2, poly decay); network and heads in one SGD group."""
+
+    def configure_optimizers(self):
+        params = list(self.network.parameters()) + list(self.build_pdcr_heads().parameters())
+        from nnunetv2.training.lr_scheduler.polylr import PolyLRScheduler
+        optimizer = torch.optim.SGD(params, self.initial_lr, weight_decay=self.weight_decay, momentum=0.99,
+                                    nesterov=True)
+        return optimizer, PolyLRScheduler(optimizer, self.initial_lr, self.num_epochs)
+
+
+class PDCRFinetuneTrainer(PDCRRegulariserMixin, nnUNetTrainerFinetune):
+    """PDCR on the plugin's from-scratch recipe (nnUNetTrainerFinetune: nnU-Net's warm-up trainer), so that it and
+    the from-scratch baseline differ only in the regulariser. The heads are a second SGD group with the network's
+    settings; the warm-up and the poly decay set every group's lr."""
+
+    def configure_optimizers(self, stage: str = "warmup_all"):
+        heads = list(self.build_pdcr_heads().parameters())
+        optimizer, scheduler = super().configure_optimizers(stage)
+        # the warm-up's 'train' stage keeps the optimizer (and its heads group); a new one gets the heads
+        if not any(p is heads[0] for g in optimizer.param_groups for p in g["params"]):
+            optimizer.add_param_group({"params": heads})
+        return optimizer, scheduler
+
+
+class PDCRFinetuneTrainer_cpu(PDCRFinetuneTrainer, nnUNetTrainerFinetune_cpu_120ep):
+    """The CPU benchmark's fine-tuning budget (120 x 25 iterations, 5 warm-up epochs) with PDCR: compare it with the
+    ``scratch`` row (``nnunet-ssl benchmark --methods scratch --finetune-trainer PDCRFinetuneTrainer_cpu``)."""
+
+
 class PDCRUAFSTrainer(PDCRTrainer):
     """PDCR + UAFS blocks after the PDCR stages."""
 
@@ -172,3 +209,7 @@ class PDCRTrainer_smoke(SmokeBudget, PDCRTrainer):
 
 class PDCRUAFSTrainer_smoke(SmokeBudget, PDCRUAFSTrainer):
     """2 epochs x 2 iterations (set-up check)."""
+
+
+class PDCRFinetuneTrainer_smoke(PDCRFinetuneTrainer, nnUNetTrainerFinetune_smoke):
+    """2 epochs x 2 iterations, the first a warm-up epoch (set-up check)."""
