@@ -301,6 +301,8 @@ def test_pdcr_on_the_warm_up_recipe_keeps_its_heads_through_the_schedule(nnunet_
     scratch = trainer(nnUNetTrainerFinetune_smoke)  # the same schedule without the regulariser
     for epoch in range(2):  # epoch 0 warms up (warmup_epochs 1), epoch 1 switches to the poly decay
         tr.current_epoch = scratch.current_epoch = epoch
+        for g in tr.optimizer.param_groups:
+            g["lr"] = 123.0  # overwritten by the schedule's step, in every group
         tr.on_train_epoch_start()
         scratch.on_train_epoch_start()
         assert [g["lr"] for g in tr.optimizer.param_groups] == [scratch.optimizer.param_groups[0]["lr"]] * 2

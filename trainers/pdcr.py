@@ -70,14 +70,12 @@ class PDCRRegulariserMixin:
         channels = [int(dec.encoder.output_channels[-(i + 2)]) for i in idx]
         return idx, stage_strides, channels
 
-    pdcr_heads = None
-
     def build_pdcr_heads(self) -> nn.ModuleList:
         """The projection heads, built once (on the first ``configure_optimizers``; a schedule with phases calls it
         again and must keep them), and the decoder told which stages to capture."""
         idx, _, channels = self._stage_geometry()
         unwrap(self.network).decoder.capture_stages = tuple(idx)
-        if self.pdcr_heads is None:
+        if getattr(self, "pdcr_heads", None) is None:  # (an instance attribute: not a training setting)
             conv = nn.Conv3d if len(self.configuration_manager.patch_size) == 3 else nn.Conv2d
             self.pdcr_heads = nn.ModuleList([conv(c, self.pdcr_proj_dim, 1) for c in channels]).to(self.device)
             if self.is_ddp:  # nnU-Net's DDP wraps the network only: start the heads from rank 0's weights everywhere
