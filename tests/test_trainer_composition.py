@@ -38,7 +38,8 @@ def test_every_plugin_trainer_takes_its_declared_budget(nnunet_dirs, monkeypatch
 @pytest.mark.parametrize("name,batch", [("SpadePretrainTrainer", _pretraining_batch),
                                         ("nnUNetTrainerFinetune", _segmentation_batch),
                                         ("PDCRTrainer", _segmentation_batch),
-                                        ("PDCRFinetuneTrainer", _segmentation_batch)])
+                                        ("PDCRFinetuneTrainer", _segmentation_batch),
+                                        ("PDCRUAFSFinetuneTrainer", _segmentation_batch)])
 def test_mixins_compose_around_every_trainer(nnunet_dirs, monkeypatch, name, batch):
     cls = {**PRETRAINING_TRAINERS, **SEGMENTATION_TRAINERS}[name]
     before = torch.get_num_threads()
@@ -83,6 +84,7 @@ def test_mixins_compose_around_every_trainer(nnunet_dirs, monkeypatch, name, bat
     assert fresh.current_epoch == 7
     for k, v in fresh.network.state_dict().items():
         assert torch.equal(v, ckpt["network_weights"][k]), k
+    assert any(".uafs." in k for k in ckpt["network_weights"]) == ("UAFS" in name)  # UAFS blocks where asked for
     if name.startswith("PDCR"):  # the projection heads travel along
         for a, b in zip(fresh.pdcr_heads.parameters(), tr.pdcr_heads.parameters()):
             assert torch.equal(a, b.contiguous())

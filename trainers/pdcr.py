@@ -201,6 +201,16 @@ class PDCRUAFSTrainer(PDCRTrainer):
         return convert_decoder(net, uafs_stages=PDCRTrainer.pdcr_stages)
 
 
+class PDCRUAFSFinetuneTrainer(PDCRFinetuneTrainer):
+    """PDCR + UAFS blocks on the from-scratch recipe (as PDCRFinetuneTrainer)."""
+
+    build_network_architecture = staticmethod(PDCRUAFSTrainer.build_network_architecture)
+
+
+class PDCRUAFSFinetuneTrainer_cpu(PDCRUAFSFinetuneTrainer, nnUNetTrainerFinetune_cpu_120ep):
+    """The CPU benchmark's fine-tuning budget with PDCR + UAFS (as PDCRFinetuneTrainer_cpu)."""
+
+
 class PDCRTrainer_smoke(SmokeBudget, PDCRTrainer):
     """2 epochs x 2 iterations (set-up check)."""
 
