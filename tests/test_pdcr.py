@@ -1,5 +1,6 @@
 """PDCR + UAFS: composition/affinity/loss against slow references, the UAFS block, U-Net integration, and the
 trainers end to end (train -> nnUNetv2_predict -> evaluation, with and without -pretrained_weights)."""
+import functools
 import itertools
 import json
 import math
@@ -59,6 +60,27 @@ def test_composition_affinity_and_loss_match_slow_reference():
         den = sum(math.exp(s[i, k] * (1 - ad[i, k])) for k in range(n) if k != i)
         terms += [-(s[i, j] * ad[i, j] - math.log(den)) for j in range(n) if j != i]
     assert loss.item() == pytest.approx(float(sum(terms)) / len(terms), rel=1e-5)
+
+
+def test_label_composition_matches_slow_reference_at_borders_anisotropic_windows_and_2d():
+    """Window fractions against explicit counting: positions on both borders and repeated, anisotropic windows, even
+    window sizes (rounded up to odd), windows larger than the volume, 2D volumes and region channels that overlap."""
+    g = torch.Generator().manual_seed(5)
+    lab = torch.randint(0, 4, (2, 9, 14, 6), generator=g)
+    pos = torch.tensor([[0, 0, 0], [8, 13, 5], [4, 7, 2], [0, 13, 3], [4, 7, 2], [8, 0, 5]])
+    for window in ((3, 3, 3), (5, 1, 3), (4, 6, 2), (31, 3, 99)):
+        r = label_composition(F.one_hot(lab, 4).movedim(-1, 1), pos, window)
+        assert torch.allclose(r, _slow_composition(lab.numpy(), pos, window, 4), atol=1e-6), window
+    lab2 = torch.randint(0, 3, (3, 11, 7), generator=g)
+    pos2 = torch.tensor([[0, 6], [10, 0], [5, 3], [10, 6]])
+    for window in ((3, 5), (9, 1), (23, 15)):
+        r = label_composition(F.one_hot(lab2, 3).movedim(-1, 1), pos2, window)
+        assert torch.allclose(r, _slow_composition(lab2.numpy(), pos2, window, 3), atol=1e-6), window
+    # region channels (not exclusive): each channel's own fraction, as the union of the classes it holds
+    regions = torch.stack([(lab >= 1), (lab >= 2)], 1).float()
+    r = label_composition(regions, pos, (3, 5, 3))
+    ref = _slow_composition(lab.numpy(), pos, (3, 5, 3), 4)
+    assert torch.allclose(r, torch.stack([ref[..., 1:].sum(-1), ref[..., 2:].sum(-1)], -1), atol=1e-6)
 
 
 def test_all_background_batch_is_finite():
@@ -230,6 +252,40 @@ def test_pdcr_checkpoint_round_trip_restores_heads_and_optimizer(tiny_dataset, m
     assert len(momentum) == len(loaded) > 0 and all(torch.equal(a, b.contiguous()) for a, b in zip(momentum, loaded))
 
 
+def test_pdcr_loss_projects_sampled_rows_as_the_whole_map_would():
+    """``projections`` applied to the sampled feature rows give the loss and gradients of 1x1 convolutions applied to
+    the whole maps first (what the trainer did before): loss rel 1e-5, gradients (maps and heads) rtol 1e-4 / atol
+    1e-6, with ignore labels and a random sample subset (same generator seed)."""
+    from nnunet_ssl.core.loss.pdcr import pdcr_loss
+    from nnunet_ssl.trainers.pdcr import _project_rows
+    g = torch.Generator().manual_seed(7)
+    lab = torch.randint(0, 3, (2, 16, 16, 16), generator=g)
+    ignore = torch.rand(2, 16, 16, 16, generator=g) < 0.2
+    onehot = F.one_hot(lab, 3).movedim(-1, 1).float()
+    strides = [(1, 1, 1), (2, 2, 2)]
+    maps = [torch.randn(2, 6, 16, 16, 16, generator=g), torch.randn(2, 10, 8, 8, 8, generator=g)]
+    torch.manual_seed(0)
+    heads = [torch.nn.Conv3d(6, 4, 1), torch.nn.Conv3d(10, 4, 1)]
+    kwargs = dict(grid_stride=4, window_scale=2, temperature=0.5, weight=0.01, cross_weight=0.02, max_samples=40)
+
+    def run(rows: bool):
+        inputs = [m.clone().requires_grad_() for m in maps]
+        if rows:
+            feats, proj = inputs, [functools.partial(_project_rows, h) for h in heads]
+        else:
+            feats, proj = [h(x) for h, x in zip(heads, inputs)], None
+        loss, _ = pdcr_loss(feats, strides, onehot, ignore, generator=torch.Generator().manual_seed(1),
+                            projections=proj, **kwargs)
+        params = [p for h in heads for p in h.parameters()]
+        grads = torch.autograd.grad(loss, inputs + params)
+        return loss, grads
+
+    (loss_rows, g_rows), (loss_maps, g_maps) = run(True), run(False)
+    assert loss_rows.item() == pytest.approx(loss_maps.item(), rel=1e-5)
+    assert all(torch.allclose(a, b, rtol=1e-4, atol=1e-6) for a, b in zip(g_rows, g_maps))
+    assert all(a.abs().sum() > 0 for a in g_rows)  # every input and head takes part
+
+
 def test_pdcr_loss_of_two_stages_matches_slow_reference():
     """core.loss.pdcr_loss against explicit loops: grid samples (skipping ignore-labelled ones), their feature voxels
     at each stage's stride, window compositions, both stage terms and the cross-layer term with their weights."""
@@ -324,3 +380,4 @@ def test_pdcr_on_the_warm_up_recipe_keeps_its_heads_through_the_schedule(nnunet_
     for a, b in zip(resumed.pdcr_heads.parameters(), tr.pdcr_heads.parameters()):
         assert torch.equal(a, b.contiguous())
         assert torch.equal(resumed.optimizer.state[a]["momentum_buffer"], tr.optimizer.state[b]["momentum_buffer"])
+

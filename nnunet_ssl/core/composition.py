@@ -17,17 +17,32 @@ def grid_positions(spatial: Sequence[int], grid_stride: Sequence[int]) -> Tensor
 def label_composition(onehot: Tensor, positions: Tensor, window: Sequence[int]) -> Tensor:
     """Fraction of each class (channel of ``onehot`` (B,C,*S)) inside a window centred at every position.
 
-    Windows are clipped at the volume border (fractions over the voxels inside). Returns (B, P, C)."""
+    Windows are clipped at the volume border (fractions over the voxels inside). Returns (B, P, C).
+
+    Separable box sums, one axis at a time, each from a cumulative sum along that axis read at the windows' ends,
+    and only at the coordinates the positions use along that axis: the volume is summed once, then ever smaller
+    slabs (an average pool at every voxel, of which only the positions were read, took 4-14 ms per call on one core
+    at the CPU budget's patch, this ~1 ms). Sums of 0/1 labels are counts, exact in float32 up to 2^24 voxels per
+    window; windows larger than the volume are clipped like any other."""
     dim = onehot.ndim - 2
-    w = [int(k) | 1 for k in window]  # odd: centred on the voxel
-    pool = F.avg_pool3d if dim == 3 else F.avg_pool2d
-    comp = pool(onehot.float(), kernel_size=w, stride=1, padding=[k // 2 for k in w], count_include_pad=False)
-    idx = positions.to(onehot.device)
-    flat = comp.flatten(2)  # (B,C,prod S)
-    strides = torch.tensor([int(torch.tensor(onehot.shape[3 + d:]).prod()) if d < dim - 1 else 1
-                            for d in range(dim)], device=onehot.device)
-    lin = (idx * strides).sum(1)
-    return flat[:, :, lin].transpose(1, 2)
+    dev = onehot.device
+    idx = positions.to(dev).long()
+    sums = onehot.float()
+    inverse, count = [], torch.ones(len(idx), device=dev)
+    for d in range(dim):
+        axis, size, half = 2 + d, onehot.shape[2 + d], (int(window[d]) | 1) // 2  # odd: centred on the voxel
+        coords, inv = torch.unique(idx[:, d], return_inverse=True)
+        lo = (coords - half).clamp(min=0)
+        hi = (coords + half + 1).clamp(max=size)  # exclusive
+        csum = F.pad(sums.cumsum(axis), [0, 0] * (dim - 1 - d) + [1, 0])  # csum[i] = sum of the first i along d
+        sums = csum.index_select(axis, hi) - csum.index_select(axis, lo)
+        inverse.append(inv)
+        count = count * (hi - lo)[inv]
+    # (B, C, U_0, ..., U_dim-1) window sums on the positions' coordinate grid -> each position's own
+    flat_at = torch.zeros_like(idx[:, 0])
+    for d in range(dim):
+        flat_at = flat_at * sums.shape[2 + d] + inverse[d]
+    return (sums.flatten(2)[:, :, flat_at] / count).transpose(1, 2)
 
 
 def composition_affinity(r_a: Tensor, r_b: Optional[Tensor] = None) -> Tensor:

@@ -4,7 +4,7 @@ grid are pulled together or pushed apart by the similarity of the ground-truth l
 from __future__ import annotations
 
 import math
-from typing import Dict, Optional, Sequence, Tuple
+from typing import Callable, Dict, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor
@@ -22,7 +22,8 @@ def flat_index(positions: Tensor, spatial: Sequence[int]) -> Tensor:
 def pdcr_loss(features: Sequence[Tensor], stage_strides: Sequence[Sequence[int]], onehot: Tensor,
               ignore: Optional[Tensor], grid_stride: int, window_scale: int, temperature: float, weight: float,
               cross_weight: float, max_samples: int,
-              generator: Optional[torch.Generator] = None) -> Tuple[Tensor, Dict[str, Tensor]]:
+              generator: Optional[torch.Generator] = None,
+              projections: Optional[Sequence[Callable[[Tensor], Tensor]]] = None) -> Tuple[Tensor, Dict[str, Tensor]]:
     """PDCR over one or two feature stages, plus the cross-layer term for two.
 
     features: per stage (B, D, *S_k) projected features at input stride ``stage_strides[k]``; onehot (B, C, *S) the
@@ -35,7 +36,10 @@ def pdcr_loss(features: Sequence[Tensor], stage_strides: Sequence[Sequence[int]]
         l_ij = -log( exp(s_ij a_ij) / sum_k exp(s_ik d_ik) ),   averaged over the pairs i != j,
 
     per stage, and for two stages a cross-layer term (stage-0 samples against stage-1 samples, affinities between
-    their compositions). Returns (weight * sum of stage terms + cross_weight * cross term, detached terms)."""
+    their compositions). ``projections``: per stage, a map of sampled feature rows (N, C_k) -> (N, D), applied after
+    the sampling (a 1x1 convolution's weights as a linear map: the same numbers as projecting the whole map, for the
+    few hundred samples instead of every voxel). Returns (weight * sum of stage terms + cross_weight * cross term,
+    detached terms)."""
     spatial = tuple(onehot.shape[2:])
     b = onehot.shape[0]
     g = math.lcm(int(grid_stride), *[int(s) for st in stage_strides for s in st])
@@ -47,11 +51,12 @@ def pdcr_loss(features: Sequence[Tensor], stage_strides: Sequence[Sequence[int]]
     if len(keep) > max_samples:
         keep = keep[torch.randperm(len(keep), device=keep.device, generator=generator)[:max_samples]]
     feats, comps = [], []
-    for f, st in zip(features, stage_strides):
+    for k, (f, st) in enumerate(zip(features, stage_strides)):
         fpos = torch.div(pos, torch.tensor(st, device=pos.device), rounding_mode="floor")
         z = f.flatten(2)[:, :, flat_index(fpos, f.shape[2:])].transpose(1, 2).reshape(b * len(pos), -1)
         r = label_composition(onehot, pos, [window_scale * s + 1 for s in st])
-        feats.append(z[keep].float())
+        z = z[keep].float()
+        feats.append(projections[k](z) if projections is not None else z)
         comps.append(r.reshape(b * len(pos), -1)[keep])
     n = len(keep)
     terms, total = {}, onehot.new_zeros(())
