@@ -1,6 +1,7 @@
 """Label composition of sampled locations and PDCR's continuous affinity (Liu et al., TMI 2022)."""
 from __future__ import annotations
 
+import math
 from typing import Optional, Sequence
 
 import torch
@@ -12,6 +13,12 @@ def grid_positions(spatial: Sequence[int], grid_stride: Sequence[int]) -> Tensor
     """(P, dim) long positions g * G + G // 2 of a regular grid inside ``spatial``."""
     axes = [torch.arange(g // 2, s, g) for s, g in zip(spatial, grid_stride)]
     return torch.stack(torch.meshgrid(*axes, indexing="ij"), -1).reshape(-1, len(spatial))
+
+
+def flat_index(positions: Tensor, spatial: Sequence[int]) -> Tensor:
+    """Flat (row-major) index of (P, dim) positions in an array of shape ``spatial``."""
+    strides = [math.prod(spatial[d + 1:]) for d in range(len(spatial))]
+    return (positions * torch.tensor(strides, device=positions.device)).sum(1)
 
 
 def label_composition(onehot: Tensor, positions: Tensor, window: Sequence[int]) -> Tensor:
@@ -39,9 +46,7 @@ def label_composition(onehot: Tensor, positions: Tensor, window: Sequence[int]) 
         inverse.append(inv)
         count = count * (hi - lo)[inv]
     # (B, C, U_0, ..., U_dim-1) window sums on the positions' coordinate grid -> each position's own
-    flat_at = torch.zeros_like(idx[:, 0])
-    for d in range(dim):
-        flat_at = flat_at * sums.shape[2 + d] + inverse[d]
+    flat_at = flat_index(torch.stack(inverse, 1), sums.shape[2:])
     return (sums.flatten(2)[:, :, flat_at] / count).transpose(1, 2)
 
 

@@ -9,14 +9,8 @@ from typing import Callable, Dict, Optional, Sequence, Tuple
 import torch
 from torch import Tensor
 
-from ..composition import composition_affinity, grid_positions, label_composition
+from ..composition import composition_affinity, flat_index, grid_positions, label_composition
 from .affinity_weighted import affinity_weighted_loss
-
-
-def flat_index(positions: Tensor, spatial: Sequence[int]) -> Tensor:
-    """Flat index of (P, dim) positions in an array of shape ``spatial``."""
-    strides = [math.prod(spatial[d + 1:]) for d in range(len(spatial))]
-    return (positions * torch.tensor(strides, device=positions.device)).sum(1)
 
 
 def pdcr_loss(features: Sequence[Tensor], stage_strides: Sequence[Sequence[int]], onehot: Tensor,
