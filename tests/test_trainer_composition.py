@@ -33,6 +33,9 @@ def test_every_plugin_trainer_takes_its_declared_budget(nnunet_dirs, monkeypatch
     assert t["nnUNetTrainerWallClock"].num_epochs == 100_000
     spade = PRETRAINING_TRAINERS["SpadePretrainTrainer_cpu"](_plans(), "3d_fullres", 0, DATASET_JSON, CPU)
     assert (spade.num_epochs, spade.num_iterations_per_epoch, spade.save_every) == (40, 25, 5)
+    # the benchmark's longer reconstruction start is a product trainer (found without nnUNet_extTrainer)
+    long = PRETRAINING_TRAINERS["MaskedReconPretrainTrainer_cpu_640ep"](_plans(), "3d_fullres", 0, DATASET_JSON, CPU)
+    assert (long.num_epochs * long.num_iterations_per_epoch, long.mask_ratio) == (16_000, 0.6)
 
 
 @pytest.mark.parametrize("name,batch", [("SpadePretrainTrainer", _pretraining_batch),

@@ -167,11 +167,6 @@ class MaskedReconPretrainTrainer_cpu_160ep(MaskedReconPretrainTrainer_cpu):
     num_epochs = 160
 
 
-class MaskedReconPretrainTrainer_cpu_640ep(MaskedReconPretrainTrainer_cpu):
-    """Sixteen times the pretraining: 640 x 25 iterations."""
-    num_epochs = 640
-
-
 # ---- data loading on the critical path: short runs timed per epoch with nnUNet_n_proc_DA = 0, 1, 2
 class nnUNetTrainerFinetune_cpu_10ep(nnUNetTrainerFinetune_cpu_80ep):
     """10 epochs x 25 iterations of the CPU benchmark's fine-tuning (epoch times only)."""
