@@ -149,7 +149,9 @@ class TinySpadeModel(nn.Module):
         self.dense = nn.Conv3d(5, 4, 1)
 
     def forward(self, x, condition=None):
-        f = torch.relu(self.encoder(x))
+        # smooth (not ReLU): after a large SGD step a pre-activation near 0 can land on either side of a ReLU's kink
+        # depending on summation order (DDP all-reduce vs one process), which moves a weight by ~1e-4
+        f = F.silu(self.encoder(x))
         return {"global": F.normalize(self.fc(f.mean((2, 3, 4))), dim=1),
                 "local": F.normalize(self.dense(F.avg_pool3d(f, STRIDE)), dim=1)}
 
@@ -164,7 +166,7 @@ class TinyDrasModel(nn.Module):
         self.fc = nn.Linear(5 + 3, 8)
 
     def forward(self, x, condition):
-        f = torch.relu(self.encoder(x)).mean((2, 3, 4))
+        f = F.silu(self.encoder(x)).mean((2, 3, 4))
         return {"global": F.normalize(self.fc(torch.cat((f, condition), 1)), dim=1)}
 
 
@@ -406,16 +408,16 @@ def test_engine_steps_spade_queue_match_one_process(ranks):
         for s in states:
             for key, value in ref["queue"].items():
                 if value.is_floating_point():
-                    torch.testing.assert_close(s["queue"][key], value, rtol=1e-4, atol=1e-5)
+                    _close(s["queue"][key], value)
                 else:
                     assert torch.equal(s["queue"][key], value), key
             for term, value in ref["out"].items():
                 _close(torch.as_tensor(s["out"][term]), torch.as_tensor(value))
     for result in ranks:
         for name, w in weights(trainer.model).items():
-            torch.testing.assert_close(result["engine_spade_queue"]["weights"][name], w, rtol=1e-4, atol=1e-5)
+            _close(result["engine_spade_queue"]["weights"][name], w)
         for name, w in weights(trainer.key_model).items():
-            torch.testing.assert_close(result["engine_spade_queue"]["key_weights"][name], w, rtol=1e-4, atol=1e-5)
+            _close(result["engine_spade_queue"]["key_weights"][name], w)
 
 
 def test_drasclr_steps_losses_queues_and_weights_match_one_process(ranks):
