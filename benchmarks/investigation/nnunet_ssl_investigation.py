@@ -8,8 +8,8 @@ trainer in one setting, so a run of ``nnunet-ssl benchmark --pretrain-trainer sp
 on the pool alone isolates that setting."""
 from nnunet_ssl.trainers.finetune import nnUNetTrainerFinetune_cpu_80ep, nnUNetTrainerFinetune_cpu_120ep
 from nnunet_ssl.trainers.drasclr import DrasCLRPretrainTrainer_cpu
-from nnunet_ssl.trainers.recon import MaskedReconPretrainTrainer_cpu
-from nnunet_ssl.trainers.spade import SpadePretrainTrainer_cpu
+from nnunet_ssl.trainers.recon import MaskedReconPretrainTrainer_cpu, SpadeReconPretrainTrainer_cpu
+from nnunet_ssl.trainers.spade import SpadePretrainTrainer_cpu, SpadeSoftPretrainTrainer_cpu
 
 
 # ---- fine-tuning: learning rate and warm-up
@@ -166,6 +166,18 @@ class MaskedReconPretrainTrainer_cpu_160ep(MaskedReconPretrainTrainer_cpu):
     """Four times the pretraining: 160 x 25 iterations."""
     num_epochs = 160
 
+
+
+# ---- the 16x length that put masked reconstruction ahead, for spatial-prior starts (16 000 iterations each)
+class SpadeSoftPretrainTrainer_cpu_640ep(SpadeSoftPretrainTrainer_cpu):
+    """SpadeSoft pretrained as long as MaskedReconPretrainTrainer_cpu_640ep: 640 x 25 iterations."""
+    num_epochs = 640
+
+
+class SpadeReconPretrainTrainer_cpu_640ep(SpadeReconPretrainTrainer_cpu):
+    """Spade + masked reconstruction pretrained as long as MaskedReconPretrainTrainer_cpu_640ep: 640 x 25
+    iterations (does the spatial-prior contrast add to the 16x reconstruction start?)."""
+    num_epochs = 640
 
 # ---- data loading on the critical path: short runs timed per epoch with nnUNet_n_proc_DA = 0, 1, 2
 class nnUNetTrainerFinetune_cpu_10ep(nnUNetTrainerFinetune_cpu_80ep):
