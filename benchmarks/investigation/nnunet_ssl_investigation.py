@@ -167,7 +167,6 @@ class MaskedReconPretrainTrainer_cpu_160ep(MaskedReconPretrainTrainer_cpu):
     num_epochs = 160
 
 
-
 # ---- the 16x length that put masked reconstruction ahead, for spatial-prior starts (16 000 iterations each)
 class SpadeSoftPretrainTrainer_cpu_640ep(SpadeSoftPretrainTrainer_cpu):
     """SpadeSoft pretrained as long as MaskedReconPretrainTrainer_cpu_640ep: 640 x 25 iterations."""
@@ -178,6 +177,7 @@ class SpadeReconPretrainTrainer_cpu_640ep(SpadeReconPretrainTrainer_cpu):
     """Spade + masked reconstruction pretrained as long as MaskedReconPretrainTrainer_cpu_640ep: 640 x 25
     iterations (does the spatial-prior contrast add to the 16x reconstruction start?)."""
     num_epochs = 640
+
 
 # ---- data loading on the critical path: short runs timed per epoch with nnUNet_n_proc_DA = 0, 1, 2
 class nnUNetTrainerFinetune_cpu_10ep(nnUNetTrainerFinetune_cpu_80ep):
