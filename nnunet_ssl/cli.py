@@ -223,7 +223,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--work-dir", default="nnunet_ssl_benchmark",
                    help="all outputs (own nnUNet_raw/_preprocessed/_results, results.*); rerun to resume")
     s.add_argument("--methods", nargs="+", default=None,
-                   help="default: scratch scratch_long stock simclr spade spade_soft (also: pcl drasclr)")
+                   help="default: scratch scratch_long stock simclr recon spade spade_queue spade_soft spade_recon "
+                        "(also: pcl drasclr)")
     s.add_argument("--labeled", nargs="+", type=int, default=None, help="labelled cases k (default 2 5 10)")
     s.add_argument("--seeds", nargs="+", type=int, default=None, help="fine-tuning seeds (default 0 1 2 3 4)")
     s.add_argument("--prepare-only", action="store_true",

@@ -389,3 +389,10 @@ def test_methods_register_themselves_by_benchmark_name():
             for suffix in ("", "_cpu", "_smoke"):
                 assert PRETRAINING_TRAINERS[base + suffix].benchmark_name == method
     assert set(bm.DEFAULT_METHODS) <= set(bm.METHODS)
+    # the command's help (kept free of the trainers' imports) names the real default rows and the others
+    from nnunet_ssl.cli import build_parser
+    sub = next(a for a in build_parser()._actions if a.choices and "benchmark" in a.choices).choices["benchmark"]
+    help_text = next(a.help for a in sub._actions if "--methods" in a.option_strings)
+    default, _, others = help_text.removeprefix("default: ").partition(" (also: ")
+    assert default.split() == list(bm.DEFAULT_METHODS)
+    assert sorted(others.rstrip(")").split()) == sorted(set(bm.METHODS) - set(bm.DEFAULT_METHODS))
