@@ -162,7 +162,8 @@ def test_view_correspondences_are_exact(coord_dataset):
 def test_window_search_finds_the_brute_force_pairs_in_real_views(coord_dataset, p_elastic):
     """nnU-Net's own rotation, scaling and mirroring: the affine-fit window is taken and matches the same voxels as
     the distance matrix over the whole view. nnU-Net's elastic deformation of a 12-voxel view moves voxels by more
-    than the box would save: the search hands over to brute force, with the same pairs."""
+    than the box would save: the search hands over to brute force, with the same pairs. The C matching's grid
+    needs no fit: the same pairs either way."""
     from nnunet_ssl.core import correspondence
     from nnunet_ssl.core.correspondence import sample_correspondences
     torch.manual_seed(4); np.random.seed(4)
@@ -181,6 +182,9 @@ def test_window_search_finds_the_brute_force_pairs_in_real_views(coord_dataset, 
     assert torch.equal(w["mask"], br["mask"]) and torch.equal(w["index_a"], br["index_a"])
     torch.testing.assert_close(w["distance"], br["distance"], rtol=0, atol=1e-5)
     assert (w["index_b"] == br["index_b"]).float().mean() > 0.99
+    # the C matching (the default on CPU; the window without a compiler): the window's pairs, elastic or not
+    nat = sample_correspondences(*args, generator=torch.Generator().manual_seed(0), search="native")
+    assert all(torch.equal(nat[k], w[k]) for k in ("mask", "index_a", "index_b"))
 
 
 def test_metadata_without_augmentation(coord_dataset):

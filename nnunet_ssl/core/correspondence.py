@@ -7,6 +7,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from . import native
+
 
 def _flatten_coords(coords: Tensor) -> Tensor:
     # (B, 3, *S) -> (B, prod(S), 3)
@@ -59,8 +61,10 @@ def sample_correspondences(
     ``search``: how the nearest valid b voxel is found, with the same result either way (up to exact ties):
     'brute' ranks all of view b in a (B, candidates, prod(S)) distance matrix; 'window' fits an affine map to view
     b's coordinates and looks only at the few voxels that can lie within ``tolerance`` (``_window_nearest``);
-    'auto' takes the window on CPU, where the matrix's memory traffic dominates the search, and brute force on
-    other devices, where the matrix is cheap and the window's Python-side sizing would wait for the device.
+    'native' searches a grid of cells of view b's positions in compiled C (``native.nearest_within``; CPU only,
+    the window where no C compiler is found); 'auto' takes 'native' on CPU, where the matrix's memory traffic and
+    the window's many small operations dominate the search, and brute force on other devices, where the matrix is
+    cheap and the window's Python-side sizing would wait for the device.
 
     Returns a dict with, for K = num_samples:
         'index_a', 'index_b': long (B, K) flat indices into the spatial dims,
@@ -77,8 +81,8 @@ def sample_correspondences(
         raise ValueError(f"valid masks must be {spatial}, got {tuple(valid_a.shape)} and {tuple(valid_b.shape)}")
     if num_samples < 0:
         raise ValueError(f"num_samples must be >= 0, got {num_samples}")
-    if search not in ("auto", "brute", "window"):
-        raise ValueError(f"search must be 'auto', 'brute' or 'window', got {search!r}")
+    if search not in ("auto", "brute", "window", "native"):
+        raise ValueError(f"search must be 'auto', 'brute', 'window' or 'native', got {search!r}")
     bsz = coords_a.shape[0]
     return match_voxels(_flatten_coords(coords_a), valid_a.reshape(bsz, -1), _flatten_coords(coords_b),
                         valid_b.reshape(bsz, -1), tuple(coords_b.shape[2:]), num_samples, tolerance, generator,
@@ -97,6 +101,16 @@ def match_voxels(pa: Tensor, va: Tensor, pb: Tensor, vb: Tensor, shape: Tuple[in
     n = pa.shape[1]
     va = va.to(device=device, dtype=torch.bool)
     vb = vb.to(device=device, dtype=torch.bool)
+    m = n if candidate_factor is None else min(n, max(k, int(math.ceil(candidate_factor * k))))
+    # one random score per voxel of view a: the eligible voxels with the m highest are the candidates, and the
+    # matches among them with the k highest fill the slots (the first k matches of a random order of the eligible
+    # voxels: a uniform choice among the candidates' matches)
+    scores = torch.rand(bsz, n, generator=generator, device=device)
+    auto_cpu = search == "auto" and device.type == "cpu"
+    if search == "native" or auto_cpu:
+        out = native.match_voxels(pa, va, pb, vb, scores, m, k, tolerance)
+        if out is not None:
+            return out
     # float32 throughout: coordinates must stay exact to well below a voxel. Invalid voxels may hold arbitrary (even
     # non-finite) coordinates: view a's are zeroed, view b's are set infinitely far (never nearest, never within
     # tolerance). Python-scalar fills: a tensor made from a Python number would be copied to the device (a
@@ -107,17 +121,13 @@ def match_voxels(pa: Tensor, va: Tensor, pb: Tensor, vb: Tensor, shape: Tuple[in
     hi = torch.where(vb[..., None], pb_far, float("-inf")).amax(dim=1, keepdim=True) + tolerance
     eligible = va & ((pa >= lo) & (pa <= hi)).all(dim=-1)
 
-    # Random candidate subset: topk of random scores, ineligible voxels pushed below (the set is what is random,
-    # so the top-k need not be sorted).
-    m = n if candidate_factor is None else min(n, max(k, int(math.ceil(candidate_factor * k))))
-    scores = torch.rand(bsz, n, generator=generator, device=device)
-    scores = scores.masked_fill(~eligible, -1.0)
-    cand_score, cand_idx = scores.topk(m, dim=1, sorted=False)
+    # the candidates in descending score order, ineligible voxels pushed below
+    cand_score, cand_idx = scores.masked_fill(~eligible, -1.0).topk(m, dim=1)
     cand_ok = cand_score >= 0
     cand_pos = torch.gather(pa, 1, cand_idx[..., None].expand(-1, -1, 3))  # (B, M, 3)
 
     found = None
-    if search == "window" or (search == "auto" and device.type == "cpu"):
+    if search in ("window", "native") or auto_cpu:
         found = _window_nearest(cand_pos, pb_far, vb, shape, tolerance)
     if found is not None:
         nn_idx, d2 = found
@@ -129,10 +139,9 @@ def match_voxels(pa: Tensor, va: Tensor, pb: Tensor, vb: Tensor, shape: Tuple[in
     dist = d2.sqrt_()
     match = cand_ok & (dist <= tolerance)
 
-    # Uniform random choice of K matches among the candidates.
+    # the k matches with the highest scores, in descending order
     kk = min(k, m)
-    scores2 = torch.rand(bsz, m, generator=generator, device=device).masked_fill(~match, -1.0)
-    sel_score, sel = scores2.topk(kk, dim=1)
+    sel_score, sel = cand_score.masked_fill(~match, -1.0).topk(kk, dim=1)
     mask = sel_score >= 0
     # padding slots hold index 0 and distance 0
     picked = torch.gather(torch.stack((cand_idx, nn_idx), -1), 1, sel[..., None].expand(-1, -1, 2))

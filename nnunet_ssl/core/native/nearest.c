@@ -1,0 +1,237 @@
+/* Spade's voxel matching on CPU in compiled C (nnunet_ssl.core.native): the same pairs as the torch matching of
+   nnunet_ssl.core.correspondence.match_voxels, in one call instead of ~90 small tensor operations.
+
+   Nearest valid voxel: the valid points of a view are sorted into a grid of cells a little wider than the
+   tolerance, so a point within the tolerance of a query lies in one of the 3 x 3 x 3 cells around the query's
+   cell; only those are searched. Exact (no fit of the view, any deformation): the nearest point is found whenever
+   one lies within the tolerance; among equal squared distances the lowest index wins, as the torch search's first
+   minimum does. Squared distances are ((dx^2 + dy^2) + dz^2) in float32, compiled without contraction to fused
+   multiply-adds, as torch computes them. */
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+static int64_t clamp64(int64_t v, int64_t lo, int64_t hi) { return v < lo ? lo : (v > hi ? hi : v); }
+
+static int finite3(const float *x) { return isfinite(x[0]) && isfinite(x[1]) && isfinite(x[2]); }
+
+typedef struct {
+    const float *p;
+    double lo[3], inv_cell;
+    int64_t dims[3];
+    int64_t *start;  /* (cells + 1): the points of cell c are order[start[c] .. start[c + 1]) */
+    int64_t *order;  /* point indices by cell, increasing within a cell */
+    int64_t *cell_of;
+    size_t cap, npoints;
+} grid_t;
+
+static void grid_free(grid_t *g) {
+    free(g->start);
+    free(g->order);
+    free(g->cell_of);
+}
+
+/* Sort the ok, finite points of p (n, 3) into cells; returns 0, or -1 without memory. Reuses g's buffers. */
+static int grid_build(grid_t *g, const float *p, const uint8_t *ok, int64_t n, double tol) {
+    g->p = p;
+    if ((size_t)n > g->npoints || !g->order) {
+        free(g->order);
+        free(g->cell_of);
+        g->order = (int64_t *)malloc(sizeof(int64_t) * (size_t)(n > 0 ? n : 1));
+        g->cell_of = (int64_t *)malloc(sizeof(int64_t) * (size_t)(n > 0 ? n : 1));
+        g->npoints = (size_t)n;
+        if (!g->order || !g->cell_of) return -1;
+    }
+    double lo[3] = {INFINITY, INFINITY, INFINITY}, hi[3] = {-INFINITY, -INFINITY, -INFINITY};
+    int64_t count = 0;
+    for (int64_t j = 0; j < n; j++) {
+        const float *x = p + 3 * j;
+        if (!ok[j] || !finite3(x)) continue;
+        for (int d = 0; d < 3; d++) {
+            if (x[d] < lo[d]) lo[d] = x[d];
+            if (x[d] > hi[d]) hi[d] = x[d];
+        }
+        count++;
+    }
+    if (count == 0) {
+        for (int d = 0; d < 3; d++) { g->lo[d] = 0.0; g->dims[d] = 1; }
+        g->inv_cell = 0.0;
+    } else {
+        /* cells 0.1 % wider than tol (the rounding of a cell index cannot hide a point within tol), widened until
+           there are at most ~8 cells per point */
+        double cell = tol * 1.001 + 1e-12;
+        for (;;) {
+            double total = 1.0;
+            for (int d = 0; d < 3; d++) {
+                double span = (hi[d] - lo[d]) / cell;
+                g->dims[d] = span < 1e9 ? (int64_t)span + 1 : 0;
+                total *= g->dims[d] > 0 ? (double)g->dims[d] : INFINITY;
+            }
+            if (total <= 8.0 * (double)count + 64.0) break;
+            cell *= 2.0;
+        }
+        for (int d = 0; d < 3; d++) g->lo[d] = lo[d];
+        g->inv_cell = 1.0 / cell;
+    }
+    size_t cells = (size_t)(g->dims[0] * g->dims[1] * g->dims[2]);
+    if (cells + 1 > g->cap || !g->start) {
+        free(g->start);
+        g->cap = cells + 1;
+        g->start = (int64_t *)malloc(sizeof(int64_t) * g->cap);
+        if (!g->start) return -1;
+    }
+    int64_t *start = g->start;
+    memset(start, 0, sizeof(int64_t) * (cells + 1));
+    for (int64_t j = 0; j < n; j++) {
+        const float *x = p + 3 * j;
+        if (!ok[j] || !finite3(x)) { g->cell_of[j] = -1; continue; }
+        int64_t c = 0;
+        for (int d = 0; d < 3; d++)  /* x - lo >= 0: truncation is the floor */
+            c = c * g->dims[d] + clamp64((int64_t)((x[d] - g->lo[d]) * g->inv_cell), 0, g->dims[d] - 1);
+        g->cell_of[j] = c;
+        start[c + 1]++;
+    }
+    for (size_t c = 0; c < cells; c++) start[c + 1] += start[c];
+    for (int64_t j = 0; j < n; j++)  /* a stable counting sort: increasing index within a cell */
+        if (g->cell_of[j] >= 0) g->order[start[g->cell_of[j]]++] = j;
+    for (size_t c = cells; c > 0; c--) start[c] = start[c - 1];
+    start[0] = 0;
+    return 0;
+}
+
+/* The nearest point of the 27 cells around x: its index (-1: none) and squared distance (+inf: none). */
+static int64_t grid_nearest(const grid_t *g, const float *x, float *out_d2) {
+    int64_t best = -1;
+    float best_d2 = INFINITY;
+    int64_t c0[3], c1[3];
+    if (!finite3(x) || g->inv_cell == 0.0) { *out_d2 = INFINITY; return -1; }
+    for (int d = 0; d < 3; d++) {
+        double f = floor((x[d] - g->lo[d]) * g->inv_cell);
+        if (f < -1.0 || f > (double)g->dims[d]) { *out_d2 = INFINITY; return -1; }  /* > a cell from every point */
+        c0[d] = clamp64((int64_t)f - 1, 0, g->dims[d] - 1);
+        c1[d] = clamp64((int64_t)f + 1, 0, g->dims[d] - 1);
+    }
+    for (int64_t a = c0[0]; a <= c1[0]; a++)
+        for (int64_t b = c0[1]; b <= c1[1]; b++) {
+            /* the cells c0[2] .. c1[2] of a row are consecutive: one run of points */
+            int64_t row = (a * g->dims[1] + b) * g->dims[2];
+            for (int64_t s = g->start[row + c0[2]]; s < g->start[row + c1[2] + 1]; s++) {
+                int64_t j = g->order[s];
+                const float *y = g->p + 3 * j;
+                float d0 = y[0] - x[0], d1 = y[1] - x[1], d2 = y[2] - x[2];
+                float e = d0 * d0 + d1 * d1;
+                e = e + d2 * d2;
+                if (e < best_d2 || (e == best_d2 && j < best)) { best_d2 = e; best = j; }
+            }
+        }
+    *out_d2 = best_d2;
+    return best;
+}
+
+/* For every query point q (bsz, m, 3) of batch item b, the nearest point of p (bsz, n, 3) whose flag ok (bsz, n)
+   is set: out_idx (bsz, m) and out_d2 (bsz, m) exact whenever that point lies within tol; index 0 and +inf where
+   no flagged point lies within about tol. Returns 0, or -1 without memory (outputs then undefined). */
+int nearest_within(const float *q, int64_t bsz, int64_t m, const float *p, const uint8_t *ok, int64_t n,
+                   double tol, int64_t *out_idx, float *out_d2) {
+    grid_t g;
+    memset(&g, 0, sizeof g);
+    for (int64_t b = 0; b < bsz; b++) {
+        if (grid_build(&g, p + b * n * 3, ok + b * n, n, tol) != 0) { grid_free(&g); return -1; }
+        for (int64_t i = 0; i < m; i++) {
+            int64_t j = grid_nearest(&g, q + (b * m + i) * 3, out_d2 + b * m + i);
+            out_idx[b * m + i] = j < 0 ? 0 : j;
+        }
+    }
+    grid_free(&g);
+    return 0;
+}
+
+/* ------------------------------------------------------------------ the whole matching */
+
+typedef struct { float score; int64_t idx; } scored_t;
+
+/* descending score, ascending index among equal scores */
+static int before(const scored_t *a, const scored_t *b) {
+    return a->score > b->score || (a->score == b->score && a->idx < b->idx);
+}
+
+static void sift_down(scored_t *h, int64_t len, int64_t i) {
+    for (;;) {
+        int64_t l = 2 * i + 1, r = l + 1, top = i;
+        if (l < len && before(&h[l], &h[top])) top = l;
+        if (r < len && before(&h[r], &h[top])) top = r;
+        if (top == i) return;
+        scored_t t = h[i]; h[i] = h[top]; h[top] = t;
+        i = top;
+    }
+}
+
+/* correspondence.match_voxels for positions pa, pb (bsz, n, 3) float32, flags va, vb (bsz, n) bytes and one
+   random score per voxel of view a (bsz, n) float32 in [0, 1): the eligible a voxels (valid, inside view b's valid
+   bounding box grown by tol) with the m highest scores are the candidates; each is paired with its nearest valid b
+   voxel; those within tol are matches, and the k with the highest scores fill the slots in descending score order
+   (the candidates are taken from a heap in that order, so the search stops at the k-th match). Empty slots:
+   index 0, mask 0, distance 0. Float32 comparisons, as in torch. Returns 0, or -1 without memory. */
+int match_voxels(const float *pa, const uint8_t *va, const float *pb, const uint8_t *vb, const float *scores,
+                 int64_t bsz, int64_t n, int64_t m, int64_t k, double tol, int64_t *index_a, int64_t *index_b,
+                 uint8_t *mask, float *distance) {
+    scored_t *heap = (scored_t *)malloc(sizeof(scored_t) * (size_t)(n > 0 ? n : 1));
+    grid_t g;
+    memset(&g, 0, sizeof g);
+    if (!heap) return -1;
+    const float tol_f = (float)tol;
+    for (int64_t b = 0; b < bsz; b++) {
+        const float *pab = pa + b * n * 3, *pbb = pb + b * n * 3, *sb = scores + b * n;
+        const uint8_t *vab = va + b * n, *vbb = vb + b * n;
+        int64_t *ia = index_a + b * k, *ib = index_b + b * k;
+        uint8_t *mk = mask + b * k;
+        float *dist = distance + b * k;
+        memset(ia, 0, sizeof(int64_t) * (size_t)k);
+        memset(ib, 0, sizeof(int64_t) * (size_t)k);
+        memset(mk, 0, (size_t)k);
+        memset(dist, 0, sizeof(float) * (size_t)k);
+        /* view b's valid bounding box grown by tol, in float32 as torch computes it */
+        float lo[3] = {INFINITY, INFINITY, INFINITY}, hi[3] = {-INFINITY, -INFINITY, -INFINITY};
+        for (int64_t j = 0; j < n; j++) {
+            if (!vbb[j]) continue;
+            for (int d = 0; d < 3; d++) {
+                float x = pbb[3 * j + d];
+                if (x < lo[d]) lo[d] = x;
+                if (x > hi[d]) hi[d] = x;
+            }
+        }
+        for (int d = 0; d < 3; d++) { lo[d] = lo[d] - tol_f; hi[d] = hi[d] + tol_f; }
+        int64_t len = 0;
+        for (int64_t j = 0; j < n; j++) {
+            const float *x = pab + 3 * j;
+            if (vab[j] && x[0] >= lo[0] && x[0] <= hi[0] && x[1] >= lo[1] && x[1] <= hi[1] && x[2] >= lo[2] &&
+                x[2] <= hi[2]) {
+                heap[len].score = sb[j];
+                heap[len].idx = j;
+                len++;
+            }
+        }
+        if (len == 0 || k == 0) continue;
+        if (grid_build(&g, pbb, vbb, n, tol) != 0) { free(heap); grid_free(&g); return -1; }
+        for (int64_t i = len / 2 - 1; i >= 0; i--) sift_down(heap, len, i);
+        int64_t filled = 0;
+        for (int64_t taken = 0; taken < m && len > 0 && filled < k; taken++) {
+            scored_t c = heap[0];
+            heap[0] = heap[--len];
+            sift_down(heap, len, 0);
+            float d2;
+            int64_t j = grid_nearest(&g, pab + 3 * c.idx, &d2);
+            float r = sqrtf(d2);
+            if (j < 0 || !(r <= tol_f)) continue;
+            ia[filled] = c.idx;
+            ib[filled] = j;
+            mk[filled] = 1;
+            dist[filled] = r;
+            filled++;
+        }
+    }
+    free(heap);
+    grid_free(&g);
+    return 0;
+}

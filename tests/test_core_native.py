@@ -1,0 +1,136 @@
+"""The C voxel matching (nnunet_ssl.core.native) against brute force and the torch matching, and its fallback."""
+import warnings
+
+import pytest
+import torch
+
+from nnunet_ssl.core import native
+from nnunet_ssl.core.correspondence import sample_correspondences
+
+needs_c = pytest.mark.skipif(native.library() is None, reason="no C compiler: the C kernel is not built")
+
+
+def _brute(q, p, ok):
+    """Nearest ok point per query by the full float32 distance matrix, ((dx^2 + dy^2) + dz^2) as the kernel sums;
+    ties: the lowest index (the first minimum)."""
+    d = p[:, None, :, :] - q[:, :, None, :]
+    sq = d.square()
+    d2 = (sq[..., 0] + sq[..., 1]) + sq[..., 2]
+    d2 = torch.where(ok[:, None, :], d2, float("inf"))
+    best, idx = d2.min(dim=-1)
+    return idx, best
+
+
+@needs_c
+@pytest.mark.parametrize("seed", range(4))
+def test_nearest_within_equals_brute_force_with_ties_invalid_points_and_empty_views(seed):
+    g = torch.Generator().manual_seed(seed)
+    bsz, n, m = 3, 400, 300
+    # integer coordinates on a small lattice: many points at equal distances (ties), some coincident
+    p = torch.randint(0, 9, (bsz, n, 3), generator=g).float()
+    ok = torch.rand(bsz, n, generator=g) < 0.7
+    p[~ok] = torch.tensor([float("nan"), float("inf"), -1e30])  # invalid points: any value, never found
+    ok[2] = False  # a view without any valid point
+    q = torch.randint(-3, 12, (bsz, m, 3), generator=g).float() + torch.rand(bsz, m, 3, generator=g).round() * 0.5
+    q[0, :5] = float("nan")  # queries without a position find nothing
+    tol = (1.0, 1.5, 2.0, 0.0)[seed]
+    idx, d2 = native.nearest_within(q, p, ok, tol)
+    ref_idx, ref_d2 = _brute(q, p, ok)
+    within = ref_d2.sqrt() <= tol
+    assert within.sum() > (5 if tol == 0 else 100) and (~within).sum() > 10  # tol 0: exact hits only
+    assert torch.equal(idx[within], ref_idx[within]) and torch.equal(d2[within], ref_d2[within])
+    # nothing within tol: no point (inf) or one of the searched cells, never nearer than the true nearest
+    farther = ~within & ~ref_d2.isnan()
+    assert (d2[farther] >= ref_d2[farther]).all()
+    assert torch.isinf(d2[2]).all() and (idx[2] == 0).all() and torch.isinf(d2[0, :5]).all()
+
+
+@needs_c
+def test_nearest_within_is_exact_when_the_grid_is_coarsened():
+    """Points spread over 1e5 units with a tolerance of 0.5: far more cells than points, so the cells are widened;
+    a clustered and a scattered part, both exact."""
+    g = torch.Generator().manual_seed(0)
+    spread = torch.rand(1, 300, 3, generator=g) * 1e5
+    cluster = torch.rand(1, 300, 3, generator=g) * 4 + 500.0
+    p = torch.cat((spread, cluster), 1)
+    ok = torch.ones(1, 600, dtype=torch.bool)
+    q = torch.cat((p[:, ::7] + 0.2 * torch.rand(1, 86, 3, generator=g), torch.rand(1, 100, 3, generator=g) * 4 + 500),
+                  1)
+    idx, d2 = native.nearest_within(q, p, ok, 0.5)
+    ref_idx, ref_d2 = _brute(q, p, ok)
+    within = ref_d2.sqrt() <= 0.5
+    assert within.sum() > 100
+    assert torch.equal(idx[within], ref_idx[within]) and torch.equal(d2[within], ref_d2[within])
+
+
+@needs_c
+@pytest.mark.parametrize("num_samples,valid_b", [(64, 0.9), (500, 0.9), (64, 0.0), (16, 0.05)])
+def test_c_matching_equals_the_torch_matching(num_samples, valid_b):
+    """The same generator, the same pairs as the torch search (brute force), also where fewer voxels are eligible
+    than the candidates (a view b of few valid voxels), fewer match than the slots (500 of 384 voxels: padding), or
+    view b has no valid voxel."""
+    g = torch.Generator().manual_seed(num_samples)
+    shape = (6, 8, 8)
+    grid = torch.stack(torch.meshgrid(*[torch.arange(s, dtype=torch.float32) for s in shape], indexing="ij"))
+    ca = torch.stack([grid + torch.randn(3, 1, 1, 1, generator=g) for _ in range(3)])
+    cb = torch.stack([grid.flip(1) * 1.1 + torch.randn(3, 1, 1, 1, generator=g) for _ in range(3)])
+    va = torch.rand(3, *shape, generator=g) < 0.8
+    vb = torch.rand(3, *shape, generator=g) < valid_b
+    outs = {s: sample_correspondences(ca, va, cb, vb, num_samples, 1.0, generator=torch.Generator().manual_seed(1),
+                                      search=s) for s in ("native", "brute")}
+    c, b = outs["native"], outs["brute"]
+    assert all(torch.equal(c[k], b[k]) for k in ("mask", "index_a", "index_b")), (c["mask"].sum(), b["mask"].sum())
+    torch.testing.assert_close(c["distance"], b["distance"], rtol=2e-7, atol=0)
+    assert c["mask"].shape == (3, num_samples)
+    if valid_b == 0.0:
+        assert not c["mask"].any()
+    elif num_samples == 64:
+        assert c["mask"].sum() > (20 if valid_b < 0.5 else 100)
+
+
+def test_without_the_c_kernel_the_torch_search_gives_the_same_pairs(monkeypatch, tmp_path):
+    g = torch.Generator().manual_seed(0)
+    shape = (6, 8, 8)
+    grid = torch.stack(torch.meshgrid(*[torch.arange(s, dtype=torch.float32) for s in shape], indexing="ij"))
+    ca = grid.expand(2, -1, -1, -1, -1) + 0.3
+    cb = grid.flip(2).expand(2, -1, -1, -1, -1).contiguous()
+    va = torch.rand(2, *shape, generator=g) < 0.9
+    vb = torch.rand(2, *shape, generator=g) < 0.9
+    run = lambda s: sample_correspondences(ca, va, cb, vb, 32, 1.0, generator=torch.Generator().manual_seed(2),
+                                           search=s)
+    window = run("window")
+    native.library.cache_clear()
+    try:
+        monkeypatch.setenv("NNUNET_SSL_NATIVE", "0")  # switched off: the window, silently
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            assert native.library() is None
+            off = run("native")
+        native.library.cache_clear()
+        monkeypatch.setenv("NNUNET_SSL_NATIVE", "1")  # a compiler that fails: one warning naming the fix, the window
+        monkeypatch.setenv("CC", str(tmp_path / "no-such-cc"))
+        monkeypatch.setenv("NNUNET_SSL_CACHE", str(tmp_path / "cache"))
+        with pytest.warns(UserWarning, match="building the C kernel .* failed.*NNUNET_SSL_NATIVE=0"):
+            assert native.library() is None
+        broken = run("auto")
+        assert not list((tmp_path / "cache").glob("*.so"))  # nothing half-built left to load
+    finally:
+        native.library.cache_clear()
+    assert window["mask"].sum() > 40
+    for out in (off, broken):
+        assert all(torch.equal(out[k], window[k]) for k in window)
+
+
+@needs_c
+def test_the_kernel_is_built_once_into_the_cache(monkeypatch, tmp_path):
+    monkeypatch.setenv("NNUNET_SSL_CACHE", str(tmp_path))
+    native.library.cache_clear()
+    try:
+        assert native.library() is not None
+        built = list(tmp_path.glob("nearest_*.so"))
+        assert len(built) == 1 and not list(tmp_path.glob("*.tmp"))
+        stamp = built[0].stat().st_mtime_ns
+        native.library.cache_clear()
+        assert native.library() is not None and built[0].stat().st_mtime_ns == stamp  # loaded, not rebuilt
+    finally:
+        native.library.cache_clear()
