@@ -134,3 +134,38 @@ def test_the_kernel_is_built_once_into_the_cache(monkeypatch, tmp_path):
         assert native.library() is not None and built[0].stat().st_mtime_ns == stamp  # loaded, not rebuilt
     finally:
         native.library.cache_clear()
+
+
+@needs_c
+def test_c_far_pair_mask_is_the_exact_distance_rule_with_partners_and_count():
+    """The dense loss's negatives in C against float64 distances: pairs farther than the radius between ok rows
+    (coincident points never, also at radius 0; not-ok rows hold any value), the partner entries set, and the
+    returned count the number of far pairs off them; the same mask as the torch path (far_pairs and the two
+    diagonals) away from the radius."""
+    from nnunet_ssl.core.loss.dense_correspondence import far_pairs
+    g = torch.Generator().manual_seed(0)
+    n, p = 300, 150
+    x = torch.rand(n, 3, generator=g) * 0.8 + 0.1
+    x[10] = x[20]  # two slots on one voxel
+    ok = torch.rand(n, generator=g) > 0.1
+    ok[[10, 20]] = True
+    d2 = (x.double()[:, None] - x.double()[None]).square().sum(-1)
+    partner = (torch.arange(n) + p) % n
+    for shift in (0.0, 100.0):
+        garbage = torch.where(ok[:, None], x + shift, torch.tensor(float("nan")))
+        for radius in (0.0, 0.001, 0.05, 0.3):
+            keep, count = native.far_pairs(garbage, ok, radius, partner=p)
+            expected = (d2 > max(radius ** 2, 1e-12)) & ok[:, None] & ok[None, :]
+            settled = (d2 - radius ** 2).abs() > 1e-6 * max(radius ** 2, 1e-4)
+            off = torch.ones(n, n, dtype=torch.bool)
+            off[torch.arange(n), partner] = False
+            assert torch.equal(keep.bool()[settled & off], expected[settled & off]), (shift, radius)
+            assert (keep[torch.arange(n), partner] == 1).all() and keep[10, 20] == 0 and keep.diagonal().eq(0).all()
+            assert count == int(keep[off].sum()) and set(keep.unique().tolist()) <= {0.0, 1.0}
+            ref = far_pairs(garbage, ok, radius)
+            ref.diagonal(p).fill_(1.0)
+            ref.diagonal(-p).fill_(1.0)
+            assert torch.equal(keep[settled | ~off], ref[settled | ~off])
+            plain, plain_count = native.far_pairs(garbage, ok, radius)
+            assert torch.equal(plain.bool(), keep.bool() & off | plain.bool() & ~off)
+            assert plain_count == int(plain.sum())

@@ -234,11 +234,18 @@ def _generic_dense_loss(dense, coords, valid, canonical_scale, canonical_offset,
     return loss, pos, neg, m
 
 
+@pytest.mark.parametrize("c_kernels", [True, False])
 @pytest.mark.parametrize("seed,r_neg", [(0, 0.1), (1, 0.05), (2, 0.0), (3, 0.3)])
-def test_fused_dense_loss_equals_the_generic_path(seed, r_neg):
+def test_fused_dense_loss_equals_the_generic_path(seed, r_neg, c_kernels, monkeypatch):
     # CPU-budget-like geometry: 4 crops x 2 views, stride 2, rotated + mirrored + shifted views with partial
     # overlap and an invalid border (padding slots), canonical scales per case; loss, gradient and counts must
-    # equal the generic path's (float32; tolerances: loss rel 1e-5, gradient abs 1e-6 at |g| ~1e-3)
+    # equal the generic path's (float32; tolerances: loss rel 1e-5, gradient abs 1e-6 at |g| ~1e-3), with the C
+    # matching and mask (CPU) and with the torch path a GPU runs
+    from nnunet_ssl.core import native
+    if not c_kernels:
+        monkeypatch.setattr(native, "library", lambda: None)
+    elif native.library() is None:
+        pytest.skip("no C compiler: the C kernels are not built")
     g = torch.Generator().manual_seed(seed)
     b, s, c, stride = 4, (12, 16, 12), 16, (2, 2, 2)
     grid = torch.stack(torch.meshgrid(*[torch.arange(n, dtype=torch.float32) for n in s], indexing="ij"))
@@ -287,14 +294,17 @@ def test_dense_loss_rejects_bad_hyperparameters():
         dense_correspondence_loss(dense, coords, valid, *args, 0.1, 0.0)
 
 
-def test_spade_objectives_never_wait_for_the_device():
+def test_spade_objectives_never_wait_for_the_device(monkeypatch):
     # a value read on the host (bool()/.item(), boolean indexing -> nonzero, torch.equal) makes a GPU step wait for
     # every queued kernel; the objectives must issue none, apart from view_pairs' layout check of host tensors
     import traceback
 
     from torch.utils._python_dispatch import TorchDispatchMode
 
+    from nnunet_ssl.core import native
     from nnunet_ssl.core.loss import affinity_weighted_loss
+
+    monkeypatch.setattr(native, "library", lambda: None)  # the torch ops a device runs (the C kernels: CPU only)
 
     syncing = {"aten._local_scalar_dense", "aten.nonzero", "aten.masked_select", "aten.is_nonzero", "aten.equal",
                "aten.item"}

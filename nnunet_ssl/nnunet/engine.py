@@ -171,9 +171,14 @@ class PretrainingEngine(CheckpointFormatMixin, nnUNetTrainer):
         return int(enc.output_channels[-(stage + 2)])
 
     def decoder_grid(self) -> Tuple[Tuple[float, ...], Tuple[float, ...]]:
-        """(scale, offset) of the decoder stage feeding dense heads: where its voxel i sits in the input."""
+        """(scale, offset) of the decoder stage feeding dense heads: where its voxel i sits in the input. Read from
+        the network's convolutions once per (network, stage): walking the modules every step costs ~50 us."""
         stage = self.decoder_stage % len(self.network.decoder.stages)
-        return encoder_grid(self.network, len(self.network.encoder.stages) - (stage + 2))
+        cached = getattr(self, "_decoder_grid_cache", None)
+        if cached is None or cached[0] is not self.network or cached[1] != stage:
+            grid = encoder_grid(self.network, len(self.network.encoder.stages) - (stage + 2))
+            self._decoder_grid_cache = cached = (self.network, stage, grid)
+        return cached[2]
 
     # ------------------------------------------------------------------ set-up
     def initialize(self):

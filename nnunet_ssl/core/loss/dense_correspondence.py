@@ -8,6 +8,7 @@ from typing import Dict, Optional, Sequence, Tuple
 import torch
 from torch import Tensor
 
+from .. import native
 from ..correspondence import match_voxels, sample_coords
 from ..selection import view_pairs
 
@@ -44,7 +45,7 @@ def dense_correspondence_loss(dense: Tensor, coords: Tensor, valid: Tensor, cano
     a, b = view_pairs(sample_index)
     a, b = a.to(dense.device, non_blocking=True), b.to(dense.device, non_blocking=True)
     # the positions of every view's feature voxels, laid out once for the matching and the loss: (N, V, 3), (N, V)
-    pos = c_feat.flatten(2).transpose(1, 2).float().contiguous()
+    pos = c_feat.movedim(1, -1).reshape(len(c_feat), -1, 3).float().contiguous()  # one copy of the strided map
     ok = v_feat.flatten(1)
     # pair selection needs no gradients: in inference mode its operations skip autograd's and the views'
     # bookkeeping; its results are only read (indices, masks), never saved for backward
@@ -72,11 +73,17 @@ def dense_correspondence_loss(dense: Tensor, coords: Tensor, valid: Tensor, cano
         # corresponding voxel in the other view, row (i + P) mod 2P (the diagonals at +P and -P); a padding row keeps
         # only its partner (a finite, discarded value)
         with torch.inference_mode():
-            keep = far_pairs(x, slot_ok, r_neg)
-            keep.diagonal(p).fill_(1.0)
-            keep.diagonal(-p).fill_(1.0)
-        # the partner is the positive, never also a negative (even when farther than r_neg)
-        n_neg = keep.sum() - n
+            # the partner is the positive, never also a negative (even when farther than r_neg); on CPU one pass in
+            # C (mask, partners and count), elsewhere (or without a C compiler) the product below
+            native_keep = native.far_pairs(x, slot_ok, r_neg, partner=p)
+            if native_keep is None:
+                keep = far_pairs(x, slot_ok, r_neg)
+                keep.diagonal(p).fill_(1.0)
+                keep.diagonal(-p).fill_(1.0)
+                n_neg = keep.sum() - n
+            else:
+                keep, count = native_keep
+                n_neg = torch.tensor(float(count))
         q = z * (1.0 / temperature)
         # |<q_i, z_j>| <= 1 / temperature for unit vectors: that bound is the shift of the log-sum-exp
         lse = masked_logsumexp(q, z, keep, 1.0 / temperature)

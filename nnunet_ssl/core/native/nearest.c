@@ -235,3 +235,51 @@ int match_voxels(const float *pa, const uint8_t *va, const float *pb, const uint
     grid_free(&g);
     return 0;
 }
+
+/* ------------------------------------------------------------------ the dense loss's negatives */
+
+/* keep (n, n) float32 for x (n, 3) float32 and ok (n) bytes: 1 where rows i and j are both ok and their squared
+   distance (float32 differences, ((dx^2 + dy^2) + dz^2)) exceeds r2, else 0; then, where partner >= 0, entry
+   (i, (i + partner) mod n) of every row is set to 1 (the positive, kept in the denominator). Returns the number of
+   far pairs off those entries (the negatives), or -1 without memory. The differences are exact for nearby points
+   (Sterbenz), so coincident points are never far; at most pairs within ~1e-7 of r2 (relative) may go either way. */
+int64_t far_pairs(const float *x, const uint8_t *ok, int64_t n, int64_t partner, double r2, float *keep) {
+    float *soa = (float *)malloc(sizeof(float) * 3 * (size_t)(n > 0 ? n : 1));
+    int32_t *oki = (int32_t *)malloc(sizeof(int32_t) * (size_t)(n > 0 ? n : 1));
+    if (!soa || !oki) { free(soa); free(oki); return -1; }
+    float *x0 = soa, *x1 = soa + n, *x2 = soa + 2 * n;
+    for (int64_t j = 0; j < n; j++) {
+        x0[j] = x[3 * j];
+        x1[j] = x[3 * j + 1];
+        x2[j] = x[3 * j + 2];
+        oki[j] = ok[j] ? 1 : 0;
+    }
+    const float r2f = (float)r2;
+    int64_t count = 0;
+    for (int64_t i = 0; i < n; i++) {
+        float *row = keep + i * n;
+        if (!oki[i]) {
+            memset(row, 0, sizeof(float) * (size_t)n);
+        } else {
+            const float a0 = x0[i], a1 = x1[i], a2 = x2[i];
+            int32_t c = 0;
+            for (int64_t j = 0; j < n; j++) {
+                float d0 = x0[j] - a0, d1 = x1[j] - a1, d2 = x2[j] - a2;
+                float e = d0 * d0 + d1 * d1;
+                e = e + d2 * d2;
+                int32_t far = (e > r2f) & oki[j];
+                row[j] = (float)far;
+                c += far;
+            }
+            count += c;
+        }
+        if (partner >= 0 && n > 0) {
+            int64_t j = (i + partner) % n;
+            count -= row[j] != 0.0f;
+            row[j] = 1.0f;
+        }
+    }
+    free(soa);
+    free(oki);
+    return count;
+}
