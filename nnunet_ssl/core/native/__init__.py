@@ -29,9 +29,13 @@ from torch import Tensor
 SOURCE = Path(__file__).with_name("nearest.c")
 # -O3: the far-pair loop vectorised; -ffp-contract=off: no fused multiply-adds, so the squared distances are torch's
 # to the bit; -march=native where the compiler takes it (the library is built on, and cached per, the CPU that runs
-# it: ~2x on the far-pair mask with AVX2 or AVX-512), else the portable build
+# it: ~2x on the far-pair mask with AVX2 or AVX-512), else the portable build. NNUNET_SSL_MARCH names another
+# target (e.g. haswell: an AVX2 build on an AVX-512 machine, for timings of CPUs without AVX-512)
 FLAGS = ("-O3", "-shared", "-fPIC", "-ffp-contract=off", "-std=c99")
-NATIVE_ARCH = ("-march=native",)
+
+
+def _arch_flags() -> Tuple[str, ...]:
+    return (f"-march={os.environ.get('NNUNET_SSL_MARCH') or 'native'}",)
 
 
 def cache_dir() -> Path:
@@ -63,7 +67,7 @@ def _build(cc: str, target: Path) -> None:
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = target.with_name(f"{target.name}.{os.getpid()}.tmp")
     try:
-        for arch in (NATIVE_ARCH, ()):
+        for arch in (_arch_flags(), ()):
             result = subprocess.run([cc, *FLAGS, *arch, "-o", str(tmp), str(SOURCE), "-lm"], capture_output=True,
                                     timeout=120)
             if result.returncode == 0:
@@ -85,7 +89,7 @@ def library() -> Optional[ctypes.CDLL]:
                       "slower torch search on CPU (same pairs); install one, or set NNUNET_SSL_NATIVE=0 to silence "
                       "this")
         return None
-    signature = "\0".join((cc, *FLAGS, *NATIVE_ARCH, platform.system(), platform.machine(), _cpu_signature()))
+    signature = "\0".join((cc, *FLAGS, *_arch_flags(), platform.system(), platform.machine(), _cpu_signature()))
     key = hashlib.sha256(SOURCE.read_bytes() + signature.encode()).hexdigest()
     target = cache_dir() / f"nearest_{key[:16]}.so"
     try:
