@@ -169,3 +169,53 @@ def test_c_far_pair_mask_is_the_exact_distance_rule_with_partners_and_count():
             plain, plain_count = native.far_pairs(garbage, ok, radius)
             assert torch.equal(plain.bool(), keep.bool() & off | plain.bool() & ~off)
             assert plain_count == int(plain.sum())
+
+
+def _slow_match(pa, va, pb, vb, scores, m, k, tol):
+    """The matching rule, one voxel at a time: eligible a voxels (valid, inside view b's valid box grown by tol) in
+    (score descending, index ascending) order, the first m of them searched (nearest valid b voxel by brute force,
+    lowest index among equal distances), the first k within tol kept."""
+    out = []
+    for i in range(pa.shape[0]):
+        b_ok = vb[i].nonzero().flatten().tolist()
+        lo = pb[i, b_ok].amin(0) - tol if b_ok else None
+        hi = pb[i, b_ok].amax(0) + tol if b_ok else None
+        eligible = [j for j in range(pa.shape[1]) if va[i, j] and b_ok
+                    and bool(((pa[i, j] >= lo) & (pa[i, j] <= hi)).all())]
+        eligible.sort(key=lambda j: (-float(scores[i, j]), j))
+        picked = []
+        for j in eligible[:m]:
+            sq = (pb[i, b_ok] - pa[i, j]).square()
+            d2 = (sq[:, 0] + sq[:, 1]) + sq[:, 2]
+            best = int(d2.argmin())  # first minimum: the lowest index
+            if float(d2[best].sqrt()) <= tol:
+                picked.append((j, b_ok[best]))
+            if len(picked) == k:
+                break
+        out.append(picked)
+    return out
+
+
+@needs_c
+@pytest.mark.parametrize("scores_kind", ["uniform", "ties", "constant", "wide"])
+def test_c_matching_follows_the_rule_for_any_scores(scores_kind):
+    """Against a one-voxel-at-a-time reference of the rule, for scores the C kernel's buckets must not assume:
+    many ties (broken by the lower index), all equal, and far outside [0, 1)."""
+    g = torch.Generator().manual_seed(7)
+    bsz, n = 3, 150
+    pa = torch.randint(0, 6, (bsz, n, 3), generator=g).float() + 0.25
+    pb = torch.randint(0, 6, (bsz, n, 3), generator=g).float()
+    va, vb = torch.rand(bsz, n, generator=g) < 0.8, torch.rand(bsz, n, generator=g) < 0.6
+    vb[2] = False
+    scores = {"uniform": torch.rand(bsz, n, generator=g),
+              "ties": torch.randint(0, 4, (bsz, n), generator=g).float() / 4,
+              "constant": torch.full((bsz, n), 0.5),
+              "wide": torch.randn(bsz, n, generator=g) * 1e6}[scores_kind]
+    m, k, tol = 40, 12, 0.5
+    out = native.match_voxels(pa, va, pb, vb, scores, m, k, tol)
+    ref = _slow_match(pa, va, pb, vb, scores, m, k, tol)
+    for i in range(bsz):
+        got = [(int(a), int(b)) for a, b, ok in zip(out["index_a"][i], out["index_b"][i], out["mask"][i]) if ok]
+        assert got == ref[i], (i, got, ref[i])
+        assert not out["mask"][i, len(ref[i]):].any() and (out["index_a"][i, len(ref[i]):] == 0).all()
+    assert sum(map(len, ref[:2])) >= 12  # matches were made

@@ -156,14 +156,38 @@ static int before(const scored_t *a, const scored_t *b) {
     return a->score > b->score || (a->score == b->score && a->idx < b->idx);
 }
 
-static void sift_down(scored_t *h, int64_t len, int64_t i) {
-    for (;;) {
-        int64_t l = 2 * i + 1, r = l + 1, top = i;
-        if (l < len && before(&h[l], &h[top])) top = l;
-        if (r < len && before(&h[r], &h[top])) top = r;
-        if (top == i) return;
-        scored_t t = h[i]; h[i] = h[top]; h[top] = t;
-        i = top;
+/* Sort v (len) into the `before` order by buckets of score (NB of them between the extreme scores, highest first;
+   a monotone map, so buckets hold consecutive ranks) and only as far as needed: the caller sorts one bucket at a
+   time (insertion sort: a bucket holds ~len / NB entries of uniform scores) as it reaches it. out (len): v by
+   bucket, stable; first (NB + 1): bucket b is out[first[b] .. first[b + 1]). */
+#define NB 256
+static void bucket_by_score(const scored_t *v, int64_t len, scored_t *out, int64_t *first) {
+    float lo = INFINITY, hi = -INFINITY;
+    for (int64_t i = 0; i < len; i++) {
+        if (v[i].score < lo) lo = v[i].score;
+        if (v[i].score > hi) hi = v[i].score;
+    }
+    const float scale = hi > lo ? (float)NB / (hi - lo) : 0.0f;
+    memset(first, 0, sizeof(int64_t) * (NB + 1));
+    for (int64_t i = 0; i < len; i++) {
+        int64_t b = (int64_t)((hi - v[i].score) * scale);
+        first[(b < NB ? b : NB - 1) + 1]++;
+    }
+    for (int b = 0; b < NB; b++) first[b + 1] += first[b];
+    int64_t fill[NB];
+    memcpy(fill, first, sizeof fill);
+    for (int64_t i = 0; i < len; i++) {
+        int64_t b = (int64_t)((hi - v[i].score) * scale);
+        out[fill[b < NB ? b : NB - 1]++] = v[i];
+    }
+}
+
+static void insertion_sort(scored_t *v, int64_t len) {
+    for (int64_t i = 1; i < len; i++) {
+        scored_t t = v[i];
+        int64_t j = i - 1;
+        while (j >= 0 && before(&t, &v[j])) { v[j + 1] = v[j]; j--; }
+        v[j + 1] = t;
     }
 }
 
@@ -171,15 +195,17 @@ static void sift_down(scored_t *h, int64_t len, int64_t i) {
    random score per voxel of view a (bsz, n) float32 in [0, 1): the eligible a voxels (valid, inside view b's valid
    bounding box grown by tol) with the m highest scores are the candidates; each is paired with its nearest valid b
    voxel; those within tol are matches, and the k with the highest scores fill the slots in descending score order
-   (the candidates are taken from a heap in that order, so the search stops at the k-th match). Empty slots:
-   index 0, mask 0, distance 0. Float32 comparisons, as in torch. Returns 0, or -1 without memory. */
+   (the candidates are taken in that order, sorted a bucket at a time, so the search stops at the k-th match).
+   Empty slots: index 0, mask 0, distance 0. Float32 comparisons, as in torch. Returns 0, or -1 without memory. */
 int match_voxels(const float *pa, const uint8_t *va, const float *pb, const uint8_t *vb, const float *scores,
                  int64_t bsz, int64_t n, int64_t m, int64_t k, double tol, int64_t *index_a, int64_t *index_b,
                  uint8_t *mask, float *distance) {
-    scored_t *heap = (scored_t *)malloc(sizeof(scored_t) * (size_t)(n > 0 ? n : 1));
+    scored_t *cand = (scored_t *)malloc(sizeof(scored_t) * (size_t)(n > 0 ? n : 1));
+    scored_t *order = (scored_t *)malloc(sizeof(scored_t) * (size_t)(n > 0 ? n : 1));
+    int64_t first[NB + 1];
     grid_t g;
     memset(&g, 0, sizeof g);
-    if (!heap) return -1;
+    if (!cand || !order) { free(cand); free(order); return -1; }
     const float tol_f = (float)tol;
     for (int64_t b = 0; b < bsz; b++) {
         const float *pab = pa + b * n * 3, *pbb = pb + b * n * 3, *sb = scores + b * n;
@@ -207,31 +233,33 @@ int match_voxels(const float *pa, const uint8_t *va, const float *pb, const uint
             const float *x = pab + 3 * j;
             if (vab[j] && x[0] >= lo[0] && x[0] <= hi[0] && x[1] >= lo[1] && x[1] <= hi[1] && x[2] >= lo[2] &&
                 x[2] <= hi[2]) {
-                heap[len].score = sb[j];
-                heap[len].idx = j;
+                cand[len].score = sb[j];
+                cand[len].idx = j;
                 len++;
             }
         }
         if (len == 0 || k == 0) continue;
-        if (grid_build(&g, pbb, vbb, n, tol) != 0) { free(heap); grid_free(&g); return -1; }
-        for (int64_t i = len / 2 - 1; i >= 0; i--) sift_down(heap, len, i);
-        int64_t filled = 0;
-        for (int64_t taken = 0; taken < m && len > 0 && filled < k; taken++) {
-            scored_t c = heap[0];
-            heap[0] = heap[--len];
-            sift_down(heap, len, 0);
-            float d2;
-            int64_t j = grid_nearest(&g, pab + 3 * c.idx, &d2);
-            float r = sqrtf(d2);
-            if (j < 0 || !(r <= tol_f)) continue;
-            ia[filled] = c.idx;
-            ib[filled] = j;
-            mk[filled] = 1;
-            dist[filled] = r;
-            filled++;
+        if (grid_build(&g, pbb, vbb, n, tol) != 0) { free(cand); free(order); grid_free(&g); return -1; }
+        bucket_by_score(cand, len, order, first);
+        int64_t filled = 0, taken = 0;
+        for (int bucket = 0; bucket < NB && taken < m && filled < k; bucket++) {
+            int64_t from = first[bucket], to = first[bucket + 1];
+            insertion_sort(order + from, to - from);
+            for (int64_t s = from; s < to && taken < m && filled < k; s++, taken++) {
+                float d2;
+                int64_t j = grid_nearest(&g, pab + 3 * order[s].idx, &d2);
+                float r = sqrtf(d2);
+                if (j < 0 || !(r <= tol_f)) continue;
+                ia[filled] = order[s].idx;
+                ib[filled] = j;
+                mk[filled] = 1;
+                dist[filled] = r;
+                filled++;
+            }
         }
     }
-    free(heap);
+    free(cand);
+    free(order);
     grid_free(&g);
     return 0;
 }
