@@ -346,7 +346,7 @@ def test_masked_logsumexp_equals_torch_logsumexp_and_its_gradients(temperature):
     """The dense loss's masked log-sum-exp (one autograd Function: a matmul, exp in place, a 0/1 mask; backward two
     matmuls) against torch.logsumexp over the masked logits. Tolerances: value rel 1e-6, gradients rel 1e-5 /
     abs 1e-6 at |g| up to ~0.1 (float32); the Function's gradient is also checked by finite differences in float64."""
-    from nnunet_ssl.core.loss.dense_correspondence import masked_logsumexp
+    from nnunet_ssl.core.loss.masked_logsumexp import masked_logsumexp
     g = torch.Generator().manual_seed(0)
     n = 96
     z = F.normalize(torch.randn(n, 16, generator=g), dim=1)
@@ -370,7 +370,7 @@ def test_masked_logsumexp_equals_torch_logsumexp_and_its_gradients(temperature):
     torch.testing.assert_close(g1, g2, rtol=1e-5, atol=1e-6)
     assert g2.abs().max() > 1e-2
     # float64 finite differences through the Function (bound 1 / temperature holds for unit rows)
-    from nnunet_ssl.core.loss.dense_correspondence import _MaskedLogSumExp
+    from nnunet_ssl.core.loss.masked_logsumexp import _MaskedLogSumExp
     q64 = F.normalize(torch.randn(12, 4, generator=g, dtype=torch.float64), dim=1).requires_grad_()
     k64 = F.normalize(torch.randn(10, 4, generator=g, dtype=torch.float64), dim=1).requires_grad_()
     keep64 = (torch.rand(12, 10, generator=g) > 0.5).double()
@@ -380,7 +380,7 @@ def test_masked_logsumexp_equals_torch_logsumexp_and_its_gradients(temperature):
 
 def test_masked_logsumexp_backward_twice_through_a_retained_graph():
     # the Function keeps its exponentials unmodified: a second backward through a retained graph is the same
-    from nnunet_ssl.core.loss.dense_correspondence import masked_logsumexp
+    from nnunet_ssl.core.loss.masked_logsumexp import masked_logsumexp
     z = F.normalize(torch.randn(20, 8), dim=1).requires_grad_()
     keep = torch.ones(20, 20)
     out = masked_logsumexp(z * 10.0, z, keep, 10.0).sum()

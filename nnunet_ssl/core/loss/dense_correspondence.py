@@ -11,6 +11,8 @@ from torch import Tensor
 from .. import native
 from ..correspondence import match_voxels, sample_coords
 from ..selection import view_pairs
+from .info_nce import unit_rows
+from .masked_logsumexp import masked_logsumexp
 
 
 def dense_correspondence_loss(dense: Tensor, coords: Tensor, valid: Tensor, canonical_scale: Tensor,
@@ -61,7 +63,7 @@ def dense_correspondence_loss(dense: Tensor, coords: Tensor, valid: Tensor, cano
     flat = (views[:, None] * n_vox + torch.cat((corr["index_a"], corr["index_b"]))).reshape(-1)
     with torch.autocast(device_type=dense.device.type, enabled=False):
         # float32: the logits at low temperature overflow / underflow half precision
-        z = _unit_rows(_voxel_rows(dense, flat).float())  # (2P, C)
+        z = unit_rows(_voxel_rows(dense, flat).float())  # (2P, C)
         # (2P, 3) canonical positions: the views' preprocessed voxel positions, each view's (scale, offset) applied
         x = pos.view(-1, 3).index_select(0, flat).view(len(views), k, 3)
         x = (x * canonical_scale.to(x).index_select(0, views)[:, None, :]
@@ -96,11 +98,6 @@ def dense_correspondence_loss(dense: Tensor, coords: Tensor, valid: Tensor, cano
     stats = {"mean_pos": (n_ok > 0).float(), "mean_neg": (n_neg * per_voxel).detach(), "num_anchors": n_ok,
              "num_pairs": n_ok / 2}
     return loss, stats
-
-
-def _unit_rows(z: Tensor) -> Tensor:
-    """``F.normalize(z, dim=-1)`` (eps 1e-12) in three operations instead of four."""
-    return z / torch.linalg.vector_norm(z, dim=-1, keepdim=True).clamp_min(1e-12)
 
 
 def _voxel_rows(dense: Tensor, flat: Tensor) -> Tensor:
@@ -147,36 +144,3 @@ def far_pairs(x: Tensor, ok: Tensor, radius: float) -> Tensor:
     left = torch.cat((x, n2 + off, one), 1)
     right = torch.cat((-2.0 * x, one, n2 - r2 + off), 1)
     return torch.sign((left @ right.t()).float()).clamp_(min=0.0)
-
-
-class _MaskedLogSumExp(torch.autograd.Function):
-    """lse_i = log sum_j keep_ij exp(<q_i, k_j>) with keep a 0/1 float mask; ``shift`` bounds |<q_i, k_j>|.
-
-    Forward: one matmul, then exp(s - shift) in place, masked by a product, summed; the exponentials are kept for
-    the backward, which is one scaling of them and two matmuls (instead of autograd's copies of the masked logits,
-    their max, the softmax and the masked gradient)."""
-
-    @staticmethod
-    def forward(ctx, q: Tensor, k: Tensor, keep: Tensor, shift: float) -> Tensor:
-        e = torch.mm(q, k.t()).sub_(shift).exp_().mul_(keep)
-        total = e.sum(1)
-        ctx.save_for_backward(q, k, e, total)
-        return total.log().add_(shift)
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, grad: Tensor):
-        q, k, e, total = ctx.saved_tensors
-        w = e * (grad / total)[:, None]  # the softmax times the incoming gradient (e kept: a retained graph reuses it)
-        return (torch.mm(w, k) if ctx.needs_input_grad[0] else None,
-                torch.mm(w.t(), q) if ctx.needs_input_grad[1] else None, None, None)
-
-
-def masked_logsumexp(q: Tensor, k: Tensor, keep: Tensor, bound: float) -> Tensor:
-    """Row-wise log-sum-exp of the logits q @ k.T over the entries where ``keep`` (n, m) is 1.0; every row keeps at
-    least one entry. ``bound``: |<q_i, k_j>| <= bound (1 / temperature for unit vectors), the shift that keeps
-    exp() in range; above 40 (exp(-2 * bound) would underflow float32) the rows' maxima are the shift instead."""
-    if bound <= 40.0:
-        return _MaskedLogSumExp.apply(q, k, keep, float(bound))
-    logits = (q @ k.t()).masked_fill(keep == 0, float("-inf"))
-    return torch.logsumexp(logits, dim=1)

@@ -6,8 +6,9 @@ from __future__ import annotations
 from typing import Dict, Optional, Tuple
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
+
+from .masked_logsumexp import masked_logsumexp
 
 
 def info_nce(
@@ -44,8 +45,8 @@ def info_nce(
     if temperature <= 0:
         raise ValueError(f"temperature must be > 0, got {temperature}")
     with torch.autocast(device_type=anchors.device.type, enabled=False):
-        a = F.normalize(anchors.float(), dim=-1)
-        c = a if candidates is None else F.normalize(candidates.float(), dim=-1)
+        a = unit_rows(anchors.float())
+        c = a if candidates is None else unit_rows(candidates.float())
         pos = pos_mask.to(device=a.device, dtype=torch.bool)
         neg = neg_mask.to(device=a.device, dtype=torch.bool)
         na, nc = a.shape[0], c.shape[0]
@@ -54,25 +55,33 @@ def info_nce(
                 f"masks must be ({na}, {nc}), got {tuple(pos.shape)} and {tuple(neg.shape)}"
             )
 
-        n_pos = pos.sum(1)
-        allowed = pos | neg  # neg & ~pos counted below without materialising it: an entry in both is positive
-        n_neg = allowed.sum(1) - n_pos
+        # 0/1 float masks: counts, the denominator's mask and the positives' weights in a few products (a boolean
+        # mask costs several times a float product on CPU); neg & ~pos is never materialised: an entry in both
+        # counts as positive
+        pos_f = pos.float()
+        allowed_f = (pos | neg).float()
+        n_pos = pos_f.sum(1)
         has_pos = n_pos > 0
         n_anchors = has_pos.sum()
         stats = {
             "mean_pos": n_pos.sum() / max(na, 1),
-            "mean_neg": n_neg.sum() / max(na, 1),
+            "mean_neg": (allowed_f.sum() - n_pos.sum()) / max(na, 1),
             "num_anchors": n_anchors.float(),
         }
 
         # Anchors without a positive are dropped by weight, not by indexing: no host-device synchronisation
-        # (a boolean index or a Python `if` on a GPU tensor waits for every queued kernel). Their rows get
-        # every entry in the denominator, so logsumexp never sees an all -inf row and their (discarded)
+        # (a boolean index or a Python `if` on a GPU tensor waits for every queued kernel). Their rows keep
+        # every entry in the denominator, so the log-sum-exp never sees an empty row and their (discarded)
         # values and gradients stay finite; the loss stays attached to every input through the logits, so
         # backward works (zero gradients) even when no anchor contributes.
-        logits = torch.mm(a, c.t()).div_(temperature)
-        lse = torch.logsumexp(logits.masked_fill(~allowed & has_pos[:, None], float("-inf")), dim=1)
-        # mean over positives of (logit - lse), without materialising the log-probabilities
-        pos_mean = logits.masked_fill(~pos, 0.0).sum(1) / n_pos.clamp_min(1)
+        q = a * (1.0 / temperature)
+        lse = masked_logsumexp(q, c, torch.where(has_pos[:, None], allowed_f, 1.0), 1.0 / temperature)
+        # mean over positives of the logit: <q_i, sum_j pos_ij c_j> / |P_i|, without the logits' masked copy
+        pos_mean = (q * (pos_f @ c)).sum(1) / n_pos.clamp_min(1)
         loss = torch.where(has_pos, lse - pos_mean, 0.0).sum() / n_anchors.clamp_min(1)
     return loss, stats
+
+
+def unit_rows(z: Tensor) -> Tensor:
+    """``F.normalize(z, dim=-1)`` (eps 1e-12) in three operations instead of four."""
+    return z / torch.linalg.vector_norm(z, dim=-1, keepdim=True).clamp_min(1e-12)
