@@ -219,3 +219,27 @@ def test_c_matching_follows_the_rule_for_any_scores(scores_kind):
         assert got == ref[i], (i, got, ref[i])
         assert not out["mask"][i, len(ref[i]):].any() and (out["index_a"][i, len(ref[i]):] == 0).all()
     assert sum(map(len, ref[:2])) >= 12  # matches were made
+
+
+@needs_c
+def test_c_crop_masks_equal_the_torch_masks(monkeypatch):
+    """selection.contrastive_masks through the C kernel and through torch (cdist, comparisons): the same masks, also
+    for 2-D positions, group-mates farther than r_neg, coincident crops, far-off coordinates and NaN positions."""
+    from nnunet_ssl.core.selection import contrastive_masks
+    g = torch.Generator().manual_seed(3)
+    cases = []
+    for n, d in ((8, 3), (40, 3), (30, 2)):
+        c = torch.rand(n, d, generator=g)
+        c[1] = c[0]
+        cases.append((c, torch.randint(0, n // 2, (n,), generator=g)))
+    far = torch.rand(20, 3, generator=g) * 0.3 + 1e4
+    far[3] = float("nan")
+    cases.append((far, torch.arange(20) % 10))
+    for coords, groups in cases:
+        for r_pos, r_neg in ((0.1, 0.3), (0.0, 0.0), (0.2, 0.2)):
+            fast = contrastive_masks(coords, groups, r_pos, r_neg)
+            with monkeypatch.context() as mp:
+                mp.setattr(native, "library", lambda: None)
+                slow = contrastive_masks(coords, groups, r_pos, r_neg)
+            assert torch.equal(fast[0], slow[0]) and torch.equal(fast[1], slow[1]), (coords.shape, r_pos, r_neg)
+            assert fast[0].any()  # group-mates at least

@@ -76,10 +76,17 @@ def _slow_info_nce_rect(anchors, candidates, pos, neg, tau):
 
 
 def test_view_pairs_any_order_and_error():
-    a, b = view_pairs(torch.tensor([2, 0, 1, 0, 2, 1]))
-    assert torch.equal(a, torch.tensor([1, 2, 0])) and torch.equal(b, torch.tensor([3, 5, 4]))
-    with pytest.raises(ValueError, match="exactly twice"):
-        view_pairs(torch.tensor([0, 0, 1, 2]))
+    for _ in range(2):  # computed, then the kept pairs of the same layout
+        a, b = view_pairs(torch.tensor([2, 0, 1, 0, 2, 1]))
+        assert torch.equal(a, torch.tensor([1, 2, 0])) and torch.equal(b, torch.tensor([3, 5, 4]))
+        with pytest.raises(ValueError, match="exactly twice"):
+            view_pairs(torch.tensor([0, 0, 1, 2]))
+    with torch.inference_mode():  # kept in inference mode, still usable by a training step's autograd afterwards
+        view_pairs(torch.tensor([5, 6, 5, 6]))
+    a, _ = view_pairs(torch.tensor([5, 6, 5, 6]))
+    w = torch.ones(4, 2, requires_grad=True)
+    w.index_select(0, a).sum().backward()
+    assert w.grad.sum() == 4
 
 
 def test_dense_loss_matches_reference_with_flipped_views():
@@ -301,10 +308,11 @@ def test_spade_objectives_never_wait_for_the_device(monkeypatch):
 
     from torch.utils._python_dispatch import TorchDispatchMode
 
-    from nnunet_ssl.core import native
+    from nnunet_ssl.core import native, selection
     from nnunet_ssl.core.loss import affinity_weighted_loss
 
     monkeypatch.setattr(native, "library", lambda: None)  # the torch ops a device runs (the C kernels: CPU only)
+    selection._host_view_pairs.cache_clear()  # the layout check runs (a host batch's pairs are kept per layout)
 
     syncing = {"aten._local_scalar_dense", "aten.nonzero", "aten.masked_select", "aten.is_nonzero", "aten.equal",
                "aten.item"}

@@ -1,9 +1,12 @@
 """Pair selection: which rows of a batch are positives and negatives of each other (Spade's spatial prior,
 SimCLR's instances, PCL's positions), and which rows are the two views of one crop."""
+import functools
 from typing import Optional, Tuple
 
 import torch
 from torch import Tensor
+
+from . import native
 
 
 def contrastive_masks(
@@ -33,13 +36,17 @@ def contrastive_masks(
         raise ValueError(
             f"expected coords (N, D) and group_ids (N,), got {tuple(coords.shape)} and {tuple(group_ids.shape)}"
         )
-    c = coords.float()
-    # Direct differences rather than the matmul expansion, which loses precision for large coordinates.
-    dist = torch.cdist(c, c, compute_mode="donot_use_mm_for_euclid_dist")
-    pos = (group_ids[:, None] == group_ids[None, :]) | (dist < r_pos)
-    pos.fill_diagonal_(False)
-    neg = (dist > r_neg) & ~pos
-    neg.fill_diagonal_(False)
+    fast = native.contrastive_masks(coords, group_ids, r_pos, r_neg)  # on CPU: one call instead of ~10 operations
+    if fast is not None:
+        pos, neg = fast
+    else:
+        c = coords.float()
+        # Direct differences rather than the matmul expansion, which loses precision for large coordinates.
+        dist = torch.cdist(c, c, compute_mode="donot_use_mm_for_euclid_dist")
+        pos = (group_ids[:, None] == group_ids[None, :]) | (dist < r_pos)
+        pos.fill_diagonal_(False)
+        neg = (dist > r_neg) & ~pos
+        neg.fill_diagonal_(False)
     if valid is not None:
         v = valid.to(device=coords.device, dtype=torch.bool)
         both = v[:, None] & v[None, :]
@@ -102,7 +109,20 @@ def view_pairs(sample_index: Tensor) -> Tuple[Tensor, Tensor]:
     """Row indices (a, b) of the two views of each crop, ordered by crop; works for any row order.
 
     The layout check reads the values, which on an accelerator would wait for every queued kernel: it runs for
-    host tensors only (the engine checks each loader batch on the host before moving it to the device)."""
+    host tensors only (the engine checks each loader batch on the host before moving it to the device). A host
+    batch's layout repeats from step to step: its pairs are kept per layout (read-only tensors)."""
+    if sample_index.device.type == "cpu" and sample_index.dim() == 1 and len(sample_index) <= 4096:
+        return _host_view_pairs(tuple(sample_index.tolist()))
+    return _view_pairs(sample_index)
+
+
+@functools.lru_cache(maxsize=64)
+def _host_view_pairs(layout: Tuple[int, ...]) -> Tuple[Tensor, Tensor]:
+    with torch.inference_mode(False):  # kept for training steps too: never inference tensors
+        return _view_pairs(torch.tensor(layout, dtype=torch.long))
+
+
+def _view_pairs(sample_index: Tensor) -> Tuple[Tensor, Tensor]:
     order = torch.argsort(sample_index, stable=True)
     a, b = order[0::2], order[1::2]
     if len(a) != len(b) or (sample_index.device.type == "cpu" and not torch.equal(sample_index[a], sample_index[b])):

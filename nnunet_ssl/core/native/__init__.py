@@ -4,8 +4,9 @@ The torch matching (``correspondence.match_voxels``: candidate sampling, the win
 is ~90 small operations on tensors of a few thousand entries; on CPU their dispatch is most of its cost (about 40 %
 of Spade's selection + loss in a CPU-budget step). ``match_voxels`` here does the same in one call, with the same
 pairs from the same random scores (up to exact ties of the scores); ``far_pairs`` builds the dense loss's mask of
-negatives in one pass instead of ~20 operations. Without a C compiler (or with ``NNUNET_SSL_NATIVE=0``) they return
-None and the torch path runs: the same result, more slowly.
+negatives in one pass instead of ~20 operations, ``contrastive_masks`` the crop-level masks instead of ~10. Without
+a C compiler (or with ``NNUNET_SSL_NATIVE=0``) they return None and the torch path runs: the same result, more
+slowly.
 
 The library is built once per source version, compiler and machine type into ``$NNUNET_SSL_CACHE`` (default
 ``~/.cache/nnunet_ssl``), written under a temporary name and renamed, so parallel processes (DDP ranks, test
@@ -108,6 +109,8 @@ def library() -> Optional[ctypes.CDLL]:
     lib.match_voxels.argtypes = [ptr, ptr, ptr, ptr, ptr, i64, i64, i64, i64, ctypes.c_double, ptr, ptr, ptr, ptr]
     lib.far_pairs.restype = i64
     lib.far_pairs.argtypes = [ptr, ptr, i64, i64, ctypes.c_double, ptr]
+    lib.contrastive_masks.restype = None
+    lib.contrastive_masks.argtypes = [ptr, ptr, i64, i64, ctypes.c_double, ctypes.c_double, ptr, ptr]
     return lib
 
 
@@ -183,3 +186,21 @@ def far_pairs(x: Tensor, ok: Tensor, radius: float, partner: Optional[int] = Non
     if count < 0:
         raise MemoryError(f"nnunet_ssl: the C far-pair mask could not allocate memory for {n} points")
     return keep, int(count)
+
+
+def contrastive_masks(coords: Tensor, group_ids: Tensor, r_pos: float, r_neg: float) -> Optional[Tuple[Tensor, Tensor]]:
+    """``selection.contrastive_masks`` (without ``valid``) on the CPU in one call: (pos, neg) bool (N, N), the same
+    masks (float32 distances as torch's direct cdist). None where the kernel is unavailable."""
+    if coords.device.type != "cpu" or group_ids.device.type != "cpu":
+        return None
+    lib = library()
+    if lib is None:
+        return None
+    c = coords.detach().to(torch.float32).contiguous()
+    g = group_ids.detach().to(torch.int64).contiguous()
+    n = c.shape[0]
+    pos = torch.empty((n, n), dtype=torch.bool)
+    neg = torch.empty((n, n), dtype=torch.bool)
+    lib.contrastive_masks(c.data_ptr(), g.data_ptr(), n, c.shape[1], float(r_pos), float(r_neg), pos.data_ptr(),
+                          neg.data_ptr())
+    return pos, neg

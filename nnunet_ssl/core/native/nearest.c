@@ -311,3 +311,27 @@ int64_t far_pairs(const float *x, const uint8_t *ok, int64_t n, int64_t partner,
     free(oki);
     return count;
 }
+
+/* ------------------------------------------------------------------ the crop-level selection */
+
+/* selection.contrastive_masks for positions c (n, dims) float32 and group ids (n) int64: pos_ij = i != j and
+   (same group or distance < r_pos), neg_ij = i != j, not pos_ij and distance > r_neg; distances
+   sqrt((dx0^2 + dx1^2) + ...) in float32 and the radii rounded to float32, as torch's direct cdist and comparisons
+   compute them. pos, neg (n, n) bytes. */
+void contrastive_masks(const float *c, const int64_t *group, int64_t n, int64_t dims, double r_pos, double r_neg,
+                       uint8_t *pos, uint8_t *neg) {
+    const float rp = (float)r_pos, rn = (float)r_neg;
+    for (int64_t i = 0; i < n; i++) {
+        for (int64_t j = 0; j < n; j++) {
+            float e = 0.0f;
+            for (int64_t d = 0; d < dims; d++) {
+                float t = c[i * dims + d] - c[j * dims + d];
+                e = e + t * t;
+            }
+            float dist = sqrtf(e);
+            uint8_t p = i != j && (group[i] == group[j] || dist < rp);
+            pos[i * n + j] = p;
+            neg[i * n + j] = i != j && !p && dist > rn;
+        }
+    }
+}
