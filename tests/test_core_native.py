@@ -1,4 +1,5 @@
 """The C voxel matching (nnunet_ssl.core.native) against brute force and the torch matching, and its fallback."""
+import math
 import warnings
 
 import pytest
@@ -243,3 +244,39 @@ def test_c_crop_masks_equal_the_torch_masks(monkeypatch):
                 slow = contrastive_masks(coords, groups, r_pos, r_neg)
             assert torch.equal(fast[0], slow[0]) and torch.equal(fast[1], slow[1]), (coords.shape, r_pos, r_neg)
             assert fast[0].any()  # group-mates at least
+
+
+def test_dense_loss_selects_the_same_rows_with_and_without_the_c_kernels(monkeypatch):
+    """Spade's dense loss at the CPU budget's size (4 crops x 2 views of 24 x 32 x 24 voxels, stride 2, 64 slots;
+    view b rotated in-plane, mirrored and partly outside the volume) with the whole selection in C and with the
+    torch path a GPU runs, from the same generator: the same loss, counts and gradients (float32 rounding)."""
+    from nnunet_ssl.core.loss import dense_correspondence_loss
+    g = torch.Generator().manual_seed(5)
+    crops, shape = 4, (24, 32, 24)
+    grid = torch.stack(torch.meshgrid(*[torch.arange(s, dtype=torch.float32) for s in shape], indexing="ij"))
+    theta = 0.3
+    rot = torch.tensor([[1.0, 0, 0], [0, math.cos(theta), -math.sin(theta)], [0, math.sin(theta), math.cos(theta)]])
+    view_a = grid[None] + torch.rand(crops, 3, 1, 1, 1, generator=g) * 4
+    view_b = torch.einsum("ij,bj...->bi...", rot, view_a.flip(2)) + 0.5
+    coords = torch.cat((view_a, view_b))
+    valid = torch.ones(2 * crops, *shape, dtype=torch.bool)
+    valid[crops:, :, :6] = False
+    dense = torch.randn(2 * crops, 16, 12, 16, 12, generator=g)
+    scale, offset = torch.full((2 * crops, 3), 0.02), torch.rand(crops, 3, generator=g).repeat(2, 1)
+    sample = torch.arange(crops).repeat(2)
+    results = []
+    for c_kernels in (True, False):
+        d = dense.clone().requires_grad_()
+        with monkeypatch.context() as mp:
+            if not c_kernels:
+                mp.setattr(native, "library", lambda: None)
+            loss, stats = dense_correspondence_loss(d, coords, valid, scale, offset, sample, (2, 2, 2), 64, 1.0, 0.1,
+                                                    0.1, generator=torch.Generator().manual_seed(9))
+        loss.backward()
+        results.append((loss.detach(), {k: float(v) for k, v in stats.items()}, d.grad))
+    (l1, s1, g1), (l2, s2, g2) = results
+    if native.library() is None:
+        pytest.skip("no C compiler: only the torch path ran")
+    assert s1 == s2 and 300 < s1["num_anchors"] <= 512 and s1["mean_neg"] > 100
+    torch.testing.assert_close(l1, l2, rtol=1e-6, atol=0)
+    torch.testing.assert_close(g1, g2, rtol=1e-5, atol=1e-7)

@@ -89,6 +89,11 @@ def sample_correspondences(
                         candidate_factor, search)
 
 
+def candidate_count(n: int, num_samples: int, candidate_factor: Optional[float] = 4.0) -> int:
+    """How many of a view's n voxels the matching searches for ``num_samples`` matches (all with no factor)."""
+    return n if candidate_factor is None else min(n, max(num_samples, int(math.ceil(candidate_factor * num_samples))))
+
+
 def match_voxels(pa: Tensor, va: Tensor, pb: Tensor, vb: Tensor, shape: Tuple[int, ...], num_samples: int,
                  tolerance: float, generator: Optional[torch.Generator] = None,
                  candidate_factor: Optional[float] = 4.0, search: str = "auto") -> Dict[str, Tensor]:
@@ -101,7 +106,7 @@ def match_voxels(pa: Tensor, va: Tensor, pb: Tensor, vb: Tensor, shape: Tuple[in
     n = pa.shape[1]
     va = va.to(device=device, dtype=torch.bool)
     vb = vb.to(device=device, dtype=torch.bool)
-    m = n if candidate_factor is None else min(n, max(k, int(math.ceil(candidate_factor * k))))
+    m = candidate_count(n, k, candidate_factor)
     # one random score per voxel of view a: the eligible voxels with the m highest are the candidates, and the
     # matches among them with the k highest fill the slots (the first k matches of a random order of the eligible
     # voxels: a uniform choice among the candidates' matches)

@@ -9,7 +9,7 @@ import torch
 from torch import Tensor
 
 from .. import native
-from ..correspondence import match_voxels, sample_coords
+from ..correspondence import candidate_count, match_voxels, sample_coords
 from ..selection import view_pairs
 from .info_nce import unit_rows
 from .masked_logsumexp import masked_logsumexp
@@ -49,43 +49,50 @@ def dense_correspondence_loss(dense: Tensor, coords: Tensor, valid: Tensor, cano
     # the positions of every view's feature voxels, laid out once for the matching and the loss: (N, V, 3), (N, V)
     pos = c_feat.movedim(1, -1).reshape(len(c_feat), -1, 3).float().contiguous()  # one copy of the strided map
     ok = v_feat.flatten(1)
-    # pair selection needs no gradients: in inference mode its operations skip autograd's and the views'
-    # bookkeeping; its results are only read (indices, masks), never saved for backward
-    with torch.inference_mode():
-        corr = match_voxels(pos.index_select(0, a), ok.index_select(0, a), pos.index_select(0, b),
-                            ok.index_select(0, b), expect, num_samples, tolerance * float(max(scale)),
-                            generator=generator, search=search)
-    k = corr["mask"].shape[1]
-    # rows (2*B*K,): slot j of view a, then the same slots of view b; voxels are read straight from the maps by
-    # flat (view, voxel) index, without copying whole feature maps per view
+    tol = tolerance * float(max(scale))
     n_vox = math.prod(expect)
-    views = torch.cat((a, b))
-    flat = (views[:, None] * n_vox + torch.cat((corr["index_a"], corr["index_b"]))).reshape(-1)
-    with torch.autocast(device_type=dense.device.type, enabled=False):
-        # float32: the logits at low temperature overflow / underflow half precision
-        z = unit_rows(_voxel_rows(dense, flat).float())  # (2P, C)
+    # rows (2P,), P = B * K: slot j of view a, then the same slots of view b; voxels are read straight from the maps
+    # by flat (view, voxel) index, without copying whole feature maps per view. The denominator of row i: its
+    # negatives (other real slots farther than r_neg) and its positive, its corresponding voxel in the other view,
+    # row (i + P) mod 2P (never also a negative, even when farther than r_neg); a padding row keeps only its
+    # partner (a finite, discarded value)
+    if (search == "native" or (search == "auto" and pos.device.type == "cpu")) and native.library() is not None:
+        # on CPU, the whole selection in one C call, from the same random scores: the same rows and masks
+        scores = torch.rand(len(a), n_vox, generator=generator, device=pos.device)
+        flat, slot_ok, keep, count = native.dense_selection(
+            pos, ok, a, b, scores, canonical_scale, canonical_offset, candidate_count(n_vox, num_samples),
+            num_samples, tol, r_neg)
+        n_neg = torch.tensor(float(count))
+        p = len(flat) // 2
+    else:
+        # pair selection needs no gradients: in inference mode its operations skip autograd's and the views'
+        # bookkeeping; its results are only read (indices, masks), never saved for backward
+        with torch.inference_mode():
+            corr = match_voxels(pos.index_select(0, a), ok.index_select(0, a), pos.index_select(0, b),
+                                ok.index_select(0, b), expect, num_samples, tol, generator=generator, search=search)
+        k = corr["mask"].shape[1]
+        views = torch.cat((a, b))
+        flat = (views[:, None] * n_vox + torch.cat((corr["index_a"], corr["index_b"]))).reshape(-1)
         # (2P, 3) canonical positions: the views' preprocessed voxel positions, each view's (scale, offset) applied
         x = pos.view(-1, 3).index_select(0, flat).view(len(views), k, 3)
         x = (x * canonical_scale.to(x).index_select(0, views)[:, None, :]
              + canonical_offset.to(x).index_select(0, views)[:, None, :]).view(-1, 3)
         m = corr["mask"].reshape(-1)
         slot_ok = torch.cat((m, m))
-        n, p = z.shape[0], m.numel()
-        # the denominator of row i: its negatives (other real slots farther than r_neg) and its positive, its
-        # corresponding voxel in the other view, row (i + P) mod 2P (the diagonals at +P and -P); a padding row keeps
-        # only its partner (a finite, discarded value)
+        p = m.numel()
         with torch.inference_mode():
-            # the partner is the positive, never also a negative (even when farther than r_neg); on CPU one pass in
-            # C (mask, partners and count), elsewhere (or without a C compiler) the product below
-            native_keep = native.far_pairs(x, slot_ok, r_neg, partner=p)
+            native_keep = native.far_pairs(x, slot_ok, r_neg, partner=p)  # CPU: the mask in one C pass
             if native_keep is None:
                 keep = far_pairs(x, slot_ok, r_neg)
                 keep.diagonal(p).fill_(1.0)
                 keep.diagonal(-p).fill_(1.0)
-                n_neg = keep.sum() - n
+                n_neg = keep.sum() - 2 * p
             else:
                 keep, count = native_keep
                 n_neg = torch.tensor(float(count))
+    with torch.autocast(device_type=dense.device.type, enabled=False):
+        # float32: the logits at low temperature overflow / underflow half precision
+        z = unit_rows(_voxel_rows(dense, flat).float())  # (2P, C)
         q = z * (1.0 / temperature)
         # |<q_i, z_j>| <= 1 / temperature for unit vectors: that bound is the shift of the log-sum-exp
         lse = masked_logsumexp(q, z, keep, 1.0 / temperature)

@@ -109,6 +109,9 @@ def library() -> Optional[ctypes.CDLL]:
     lib.match_voxels.argtypes = [ptr, ptr, ptr, ptr, ptr, i64, i64, i64, i64, ctypes.c_double, ptr, ptr, ptr, ptr]
     lib.far_pairs.restype = i64
     lib.far_pairs.argtypes = [ptr, ptr, i64, i64, ctypes.c_double, ptr]
+    lib.dense_selection.restype = i64
+    lib.dense_selection.argtypes = [ptr, ptr, i64, i64, ptr, ptr, i64, ptr, ptr, ptr, i64, i64, ctypes.c_double,
+                                    ctypes.c_double, ptr, ptr, ptr]
     lib.contrastive_masks.restype = None
     lib.contrastive_masks.argtypes = [ptr, ptr, i64, i64, ctypes.c_double, ctypes.c_double, ptr, ptr]
     return lib
@@ -204,3 +207,29 @@ def contrastive_masks(coords: Tensor, group_ids: Tensor, r_pos: float, r_neg: fl
     lib.contrastive_masks(c.data_ptr(), g.data_ptr(), n, c.shape[1], float(r_pos), float(r_neg), pos.data_ptr(),
                           neg.data_ptr())
     return pos, neg
+
+
+def dense_selection(pos: Tensor, ok: Tensor, a: Tensor, b: Tensor, scores: Tensor, canonical_scale: Tensor,
+                    canonical_offset: Tensor, num_candidates: int, num_samples: int, tolerance: float,
+                    radius: float) -> Tuple[Tensor, Tensor, Tensor, int]:
+    """Everything the dense loss selects, on the CPU in one call (library() must be available): the matching of
+    views a[i] and b[i] of pos (N, V, 3) / ok (N, V) from scores (B, V) (``match_voxels``), and for its 2P rows
+    (P = B * num_samples; the a slots, then the b slots): flat (2P,) int64 indices view * V + voxel, slot_ok (2P,)
+    bool, keep (2P, 2P) float32 (``far_pairs`` of the rows' canonical positions, position * scale + offset, with
+    partner P) and the number of negatives."""
+    lib = library()
+    nviews, n = pos.shape[:2]
+    bsz, k = len(a), int(num_samples)
+    f32 = [t.detach().to(torch.float32).contiguous() for t in (pos, scores, canonical_scale, canonical_offset)]
+    flags = ok.detach().to(torch.bool).contiguous()
+    va, vb = (t.detach().to(torch.int64).contiguous() for t in (a, b))
+    flat = torch.empty(2 * bsz * k, dtype=torch.int64)
+    slot_ok = torch.empty(2 * bsz * k, dtype=torch.bool)
+    keep = torch.empty((2 * bsz * k, 2 * bsz * k), dtype=torch.float32)
+    count = lib.dense_selection(f32[0].data_ptr(), flags.data_ptr(), nviews, n, va.data_ptr(), vb.data_ptr(), bsz,
+                                f32[1].data_ptr(), f32[2].data_ptr(), f32[3].data_ptr(), int(num_candidates), k,
+                                float(tolerance), max(float(radius) ** 2, 1e-12), flat.data_ptr(), slot_ok.data_ptr(),
+                                keep.data_ptr())
+    if count < 0:
+        raise MemoryError(f"nnunet_ssl: the C dense selection could not allocate memory for {n} voxels per view")
+    return flat, slot_ok, keep, int(count)

@@ -191,77 +191,94 @@ static void insertion_sort(scored_t *v, int64_t len) {
     }
 }
 
+typedef struct {
+    scored_t *cand, *order;
+    grid_t grid;
+} match_buffers_t;
+
+static int buffers_init(match_buffers_t *w, int64_t n) {
+    memset(w, 0, sizeof *w);
+    w->cand = (scored_t *)malloc(sizeof(scored_t) * (size_t)(n > 0 ? n : 1));
+    w->order = (scored_t *)malloc(sizeof(scored_t) * (size_t)(n > 0 ? n : 1));
+    return w->cand && w->order ? 0 : -1;
+}
+
+static void buffers_free(match_buffers_t *w) {
+    free(w->cand);
+    free(w->order);
+    grid_free(&w->grid);
+}
+
+/* One item of match_voxels (below): views of n voxels, k slots ia, ib, mk, dist. Returns 0, or -1 without memory. */
+static int match_one(const float *pab, const uint8_t *vab, const float *pbb, const uint8_t *vbb, const float *sb,
+                     int64_t n, int64_t m, int64_t k, double tol, match_buffers_t *w, int64_t *ia, int64_t *ib,
+                     uint8_t *mk, float *dist) {
+    const float tol_f = (float)tol;
+    memset(ia, 0, sizeof(int64_t) * (size_t)k);
+    memset(ib, 0, sizeof(int64_t) * (size_t)k);
+    memset(mk, 0, (size_t)k);
+    if (dist) memset(dist, 0, sizeof(float) * (size_t)k);
+    /* view b's valid bounding box grown by tol, in float32 as torch computes it */
+    float lo[3] = {INFINITY, INFINITY, INFINITY}, hi[3] = {-INFINITY, -INFINITY, -INFINITY};
+    for (int64_t j = 0; j < n; j++) {
+        if (!vbb[j]) continue;
+        for (int d = 0; d < 3; d++) {
+            float x = pbb[3 * j + d];
+            if (x < lo[d]) lo[d] = x;
+            if (x > hi[d]) hi[d] = x;
+        }
+    }
+    for (int d = 0; d < 3; d++) { lo[d] = lo[d] - tol_f; hi[d] = hi[d] + tol_f; }
+    int64_t len = 0;
+    for (int64_t j = 0; j < n; j++) {
+        const float *x = pab + 3 * j;
+        if (vab[j] && x[0] >= lo[0] && x[0] <= hi[0] && x[1] >= lo[1] && x[1] <= hi[1] && x[2] >= lo[2] &&
+            x[2] <= hi[2]) {
+            w->cand[len].score = sb[j];
+            w->cand[len].idx = j;
+            len++;
+        }
+    }
+    if (len == 0 || k == 0) return 0;
+    if (grid_build(&w->grid, pbb, vbb, n, tol) != 0) return -1;
+    int64_t first[NB + 1];
+    bucket_by_score(w->cand, len, w->order, first);
+    scored_t *order = w->order;
+    int64_t filled = 0, taken = 0;
+    for (int bucket = 0; bucket < NB && taken < m && filled < k; bucket++) {
+        int64_t from = first[bucket], to = first[bucket + 1];
+        insertion_sort(order + from, to - from);
+        for (int64_t s = from; s < to && taken < m && filled < k; s++, taken++) {
+            float d2;
+            int64_t j = grid_nearest(&w->grid, pab + 3 * order[s].idx, &d2);
+            float r = sqrtf(d2);
+            if (j < 0 || !(r <= tol_f)) continue;
+            ia[filled] = order[s].idx;
+            ib[filled] = j;
+            mk[filled] = 1;
+            if (dist) dist[filled] = r;
+            filled++;
+        }
+    }
+    return 0;
+}
+
 /* correspondence.match_voxels for positions pa, pb (bsz, n, 3) float32, flags va, vb (bsz, n) bytes and one
-   random score per voxel of view a (bsz, n) float32 in [0, 1): the eligible a voxels (valid, inside view b's valid
-   bounding box grown by tol) with the m highest scores are the candidates; each is paired with its nearest valid b
-   voxel; those within tol are matches, and the k with the highest scores fill the slots in descending score order
-   (the candidates are taken in that order, sorted a bucket at a time, so the search stops at the k-th match).
-   Empty slots: index 0, mask 0, distance 0. Float32 comparisons, as in torch. Returns 0, or -1 without memory. */
+   random score per voxel of view a (bsz, n) float32: the eligible a voxels (valid, inside view b's valid bounding
+   box grown by tol) with the m highest scores are the candidates; each is paired with its nearest valid b voxel;
+   those within tol are matches, and the k with the highest scores fill the slots in descending score order (the
+   candidates are taken in that order, sorted a bucket at a time, so the search stops at the k-th match). Empty
+   slots: index 0, mask 0, distance 0. Float32 comparisons, as in torch. Returns 0, or -1 without memory. */
 int match_voxels(const float *pa, const uint8_t *va, const float *pb, const uint8_t *vb, const float *scores,
                  int64_t bsz, int64_t n, int64_t m, int64_t k, double tol, int64_t *index_a, int64_t *index_b,
                  uint8_t *mask, float *distance) {
-    scored_t *cand = (scored_t *)malloc(sizeof(scored_t) * (size_t)(n > 0 ? n : 1));
-    scored_t *order = (scored_t *)malloc(sizeof(scored_t) * (size_t)(n > 0 ? n : 1));
-    int64_t first[NB + 1];
-    grid_t g;
-    memset(&g, 0, sizeof g);
-    if (!cand || !order) { free(cand); free(order); return -1; }
-    const float tol_f = (float)tol;
-    for (int64_t b = 0; b < bsz; b++) {
-        const float *pab = pa + b * n * 3, *pbb = pb + b * n * 3, *sb = scores + b * n;
-        const uint8_t *vab = va + b * n, *vbb = vb + b * n;
-        int64_t *ia = index_a + b * k, *ib = index_b + b * k;
-        uint8_t *mk = mask + b * k;
-        float *dist = distance + b * k;
-        memset(ia, 0, sizeof(int64_t) * (size_t)k);
-        memset(ib, 0, sizeof(int64_t) * (size_t)k);
-        memset(mk, 0, (size_t)k);
-        memset(dist, 0, sizeof(float) * (size_t)k);
-        /* view b's valid bounding box grown by tol, in float32 as torch computes it */
-        float lo[3] = {INFINITY, INFINITY, INFINITY}, hi[3] = {-INFINITY, -INFINITY, -INFINITY};
-        for (int64_t j = 0; j < n; j++) {
-            if (!vbb[j]) continue;
-            for (int d = 0; d < 3; d++) {
-                float x = pbb[3 * j + d];
-                if (x < lo[d]) lo[d] = x;
-                if (x > hi[d]) hi[d] = x;
-            }
-        }
-        for (int d = 0; d < 3; d++) { lo[d] = lo[d] - tol_f; hi[d] = hi[d] + tol_f; }
-        int64_t len = 0;
-        for (int64_t j = 0; j < n; j++) {
-            const float *x = pab + 3 * j;
-            if (vab[j] && x[0] >= lo[0] && x[0] <= hi[0] && x[1] >= lo[1] && x[1] <= hi[1] && x[2] >= lo[2] &&
-                x[2] <= hi[2]) {
-                cand[len].score = sb[j];
-                cand[len].idx = j;
-                len++;
-            }
-        }
-        if (len == 0 || k == 0) continue;
-        if (grid_build(&g, pbb, vbb, n, tol) != 0) { free(cand); free(order); grid_free(&g); return -1; }
-        bucket_by_score(cand, len, order, first);
-        int64_t filled = 0, taken = 0;
-        for (int bucket = 0; bucket < NB && taken < m && filled < k; bucket++) {
-            int64_t from = first[bucket], to = first[bucket + 1];
-            insertion_sort(order + from, to - from);
-            for (int64_t s = from; s < to && taken < m && filled < k; s++, taken++) {
-                float d2;
-                int64_t j = grid_nearest(&g, pab + 3 * order[s].idx, &d2);
-                float r = sqrtf(d2);
-                if (j < 0 || !(r <= tol_f)) continue;
-                ia[filled] = order[s].idx;
-                ib[filled] = j;
-                mk[filled] = 1;
-                dist[filled] = r;
-                filled++;
-            }
-        }
-    }
-    free(cand);
-    free(order);
-    grid_free(&g);
-    return 0;
+    match_buffers_t w;
+    int rc = buffers_init(&w, n);
+    for (int64_t b = 0; b < bsz && rc == 0; b++)
+        rc = match_one(pa + b * n * 3, va + b * n, pb + b * n * 3, vb + b * n, scores + b * n, n, m, k, tol, &w,
+                       index_a + b * k, index_b + b * k, mask + b * k, distance + b * k);
+    buffers_free(&w);
+    return rc;
 }
 
 /* ------------------------------------------------------------------ the dense loss's negatives */
@@ -334,4 +351,51 @@ void contrastive_masks(const float *c, const int64_t *group, int64_t n, int64_t 
             neg[i * n + j] = i != j && !p && dist > rn;
         }
     }
+}
+
+/* ------------------------------------------------------------------ the dense loss's selection in one call */
+
+/* Everything dense_correspondence_loss selects, for N views of n voxels each, positions pos (N, n, 3) float32 and
+   flags ok (N, n) bytes, the B view pairs (va[i], vb[i]), their random scores (B, n), each view's canonical scale
+   and offset (N, 3) float32: the matching of every pair (match_voxels; k slots per pair), then the rows' flat
+   voxel indices flat (2, B, k) int64 (view * n + voxel: the a slots, then the b slots), their flags slot_ok
+   (2, B, k) bytes, their canonical positions (position * scale + offset in float32) and from those the mask of
+   negatives and positives keep (2Bk, 2Bk) (far_pairs with partner Bk). Returns the number of negatives, or -1
+   without memory. */
+int64_t dense_selection(const float *pos, const uint8_t *ok, int64_t nviews, int64_t n, const int64_t *va,
+                        const int64_t *vb, int64_t bsz, const float *scores, const float *scale, const float *offset,
+                        int64_t m, int64_t k, double tol, double r2, int64_t *flat, uint8_t *slot_ok, float *keep) {
+    const int64_t p = bsz * k;
+    match_buffers_t w;
+    int64_t *ia = (int64_t *)malloc(sizeof(int64_t) * (size_t)(k > 0 ? k : 1));
+    int64_t *ib = (int64_t *)malloc(sizeof(int64_t) * (size_t)(k > 0 ? k : 1));
+    float *x = (float *)malloc(sizeof(float) * 3 * (size_t)(p > 0 ? 2 * p : 1));
+    int rc = buffers_init(&w, n);
+    if (!ia || !ib || !x) rc = -1;
+    (void)nviews;
+    for (int64_t i = 0; i < bsz && rc == 0; i++) {
+        const int64_t a = va[i], b = vb[i];
+        rc = match_one(pos + a * n * 3, ok + a * n, pos + b * n * 3, ok + b * n, scores + i * n, n, m, k, tol, &w,
+                       ia, ib, slot_ok + i * k, NULL);
+        if (rc != 0) break;
+        for (int64_t s = 0; s < k; s++) {
+            slot_ok[p + i * k + s] = slot_ok[i * k + s];
+            int64_t rows[2] = {i * k + s, p + i * k + s}, views[2] = {a, b}, vox[2] = {ia[s], ib[s]};
+            for (int h = 0; h < 2; h++) {
+                flat[rows[h]] = views[h] * n + vox[h];
+                const float *q = pos + (views[h] * n + vox[h]) * 3;
+                for (int d = 0; d < 3; d++) {
+                    float t = q[d] * scale[views[h] * 3 + d];
+                    x[rows[h] * 3 + d] = t + offset[views[h] * 3 + d];
+                }
+            }
+        }
+    }
+    int64_t count = -1;
+    if (rc == 0) count = far_pairs(x, slot_ok, 2 * p, p, r2, keep);
+    buffers_free(&w);
+    free(ia);
+    free(ib);
+    free(x);
+    return count;
 }
