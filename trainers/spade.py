@@ -33,8 +33,8 @@ class SpadePretrainTrainer(ContrastivePretrainTrainer):
     temperature_local = 0.1
     local_out_dim = 64
     local_match_tolerance = 1.0  # max distance (feature voxels) between matched voxel positions
-    # nearest-voxel search of the matching: 'auto' (a box from an affine fit of the view on CPU, brute force
-    # elsewhere), 'window' or 'brute'; the same pairs either way (sample_correspondences)
+    # nearest-voxel search of the matching: 'auto' (the C selection on CPU, brute force elsewhere), 'native',
+    # 'window' (an affine fit's box) or 'brute'; the same pairs either way (sample_correspondences)
     local_match_search = "auto"
     lambda_global = 1.0
     lambda_local = 1.0
