@@ -280,3 +280,23 @@ def test_dense_loss_selects_the_same_rows_with_and_without_the_c_kernels(monkeyp
     assert s1 == s2 and 300 < s1["num_anchors"] <= 512 and s1["mean_neg"] > 100
     torch.testing.assert_close(l1, l2, rtol=1e-6, atol=0)
     torch.testing.assert_close(g1, g2, rtol=1e-5, atol=1e-7)
+
+
+@needs_c
+def test_c_kernels_stay_in_bounds_with_unusual_scores_and_tolerances():
+    """Non-finite scores (the buckets must not index outside their arrays: every output is a real match of distinct
+    voxels) and a tolerance near the float range (one cell: the nearest point of all, as brute force finds it)."""
+    g = torch.Generator().manual_seed(1)
+    pa, pb = torch.rand(2, 200, 3, generator=g) * 5, torch.rand(2, 200, 3, generator=g) * 5
+    va, vb = torch.ones(2, 200, dtype=torch.bool), torch.rand(2, 200, generator=g) < 0.7
+    for fill in (float("nan"), float("inf"), -float("inf")):
+        scores = torch.rand(2, 200, generator=g)
+        scores[:, ::3] = fill
+        out = native.match_voxels(pa, va, pb, vb, scores, 80, 20, 0.6)
+        for i in range(2):
+            ia, ib = out["index_a"][i][out["mask"][i]], out["index_b"][i][out["mask"][i]]
+            assert len(ia) == 20 and len(set(ia.tolist())) == 20 and vb[i, ib].all()
+            assert ((pa[i, ia] - pb[i, ib]).norm(dim=-1) <= 0.6 + 1e-6).all()
+    idx, d2 = native.nearest_within(pa, pb, vb, 1e307)
+    ref_idx, ref_d2 = _brute(pa, pb, vb)
+    assert torch.equal(idx, ref_idx) and torch.equal(d2, ref_d2)

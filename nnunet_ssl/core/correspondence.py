@@ -61,10 +61,10 @@ def sample_correspondences(
     ``search``: how the nearest valid b voxel is found, with the same result either way (up to exact ties):
     'brute' ranks all of view b in a (B, candidates, prod(S)) distance matrix; 'window' fits an affine map to view
     b's coordinates and looks only at the few voxels that can lie within ``tolerance`` (``_window_nearest``);
-    'native' searches a grid of cells of view b's positions in compiled C (``native.nearest_within``; CPU only,
-    the window where no C compiler is found); 'auto' takes 'native' on CPU, where the matrix's memory traffic and
-    the window's many small operations dominate the search, and brute force on other devices, where the matrix is
-    cheap and the window's Python-side sizing would wait for the device.
+    'native' runs the whole matching in compiled C (``native.match_voxels``: a grid of cells of view b's positions;
+    CPU only, the window elsewhere or where no C compiler is found); 'auto' takes 'native' on CPU, where the
+    matrix's memory traffic and the window's many small operations dominate the search, and brute force on other
+    devices, where the matrix is cheap and the window's Python-side sizing would wait for the device.
 
     Returns a dict with, for K = num_samples:
         'index_a', 'index_b': long (B, K) flat indices into the spatial dims,

@@ -56,10 +56,11 @@ def dense_correspondence_loss(dense: Tensor, coords: Tensor, valid: Tensor, cano
     # negatives (other real slots farther than r_neg) and its positive, its corresponding voxel in the other view,
     # row (i + P) mod 2P (never also a negative, even when farther than r_neg); a padding row keeps only its
     # partner (a finite, discarded value)
-    if (search == "native" or (search == "auto" and pos.device.type == "cpu")) and native.library() is not None:
+    if (search in ("native", "auto") and pos.device.type == "cpu" and math.isfinite(tol)
+            and native.library() is not None):
         # on CPU, the whole selection in one C call, from the same random scores: the same rows and masks
         scores = torch.rand(len(a), n_vox, generator=generator, device=pos.device)
-        flat, slot_ok, keep, count = native.dense_selection(
+        flat, slot_ok, keep, count = native.dense_selection(  # (on the CPU and with the library: never None)
             pos, ok, a, b, scores, canonical_scale, canonical_offset, candidate_count(n_vox, num_samples),
             num_samples, tol, r_neg)
         n_neg = torch.tensor(float(count))

@@ -20,6 +20,8 @@ import os
 import platform
 import shutil
 import subprocess
+import tempfile
+import threading
 import warnings
 from pathlib import Path
 from typing import Dict, Optional, Tuple
@@ -49,14 +51,23 @@ def _compiler() -> Optional[str]:
     return os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
 
 
+# the lines of /proc/cpuinfo that say what -march=native compiles for (x86: model and flags; ARM: implementer, part,
+# variant and features); the first processor's, as every core of a machine reports the same
+_CPU_KEYS = ("model name", "flags", "Features", "CPU implementer", "CPU architecture", "CPU variant", "CPU part")
+
+
 def _cpu_signature() -> str:
-    """What -march=native compiles for: the CPU's model and instruction-set flags (Linux), else the platform's
-    processor string (a shared cache directory never hands one CPU another CPU's build)."""
+    """What -march=native compiles for, so that a shared cache directory never hands one CPU another CPU's build:
+    the CPU's identity and instruction-set lines (Linux), else the platform's processor string."""
     try:
+        seen = {}
         with open("/proc/cpuinfo") as f:
-            lines = [ln for ln in f if ln.startswith(("model name", "flags"))][:2]
-        if lines:
-            return "".join(lines)
+            for line in f:
+                key = line.split(":", 1)[0].strip()
+                if key in _CPU_KEYS and key not in seen:
+                    seen[key] = line.strip()
+        if seen:
+            return "\n".join(seen[k] for k in sorted(seen))
     except OSError:
         pass
     return platform.processor() or platform.machine()
@@ -66,7 +77,10 @@ def _build(cc: str, target: Path) -> None:
     """Compile SOURCE into ``target`` (written under a temporary name, then renamed): -march=native first, the
     portable flags if the compiler refuses it."""
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.with_name(f"{target.name}.{os.getpid()}.tmp")
+    # a name of its own (other processes, hosts sharing the cache): os.replace publishes only a finished file
+    fd, name = tempfile.mkstemp(prefix=f"{target.name}.", suffix=".tmp", dir=target.parent)
+    os.close(fd)
+    tmp = Path(name)
     try:
         for arch in (_arch_flags(), ()):
             result = subprocess.run([cc, *FLAGS, *arch, "-o", str(tmp), str(SOURCE), "-lm"], capture_output=True,
@@ -79,9 +93,17 @@ def _build(cc: str, target: Path) -> None:
         tmp.unlink(missing_ok=True)
 
 
+_BUILD_LOCK = threading.Lock()
+
+
 @functools.lru_cache(maxsize=1)
 def library() -> Optional[ctypes.CDLL]:
     """The compiled kernels, or None (switched off, no compiler, or the build failed: one warning says which)."""
+    with _BUILD_LOCK:  # threads of one process: one build, one load
+        return _load()
+
+
+def _load() -> Optional[ctypes.CDLL]:
     if os.environ.get("NNUNET_SSL_NATIVE", "1") == "0":
         return None
     cc = _compiler()
@@ -211,13 +233,15 @@ def contrastive_masks(coords: Tensor, group_ids: Tensor, r_pos: float, r_neg: fl
 
 def dense_selection(pos: Tensor, ok: Tensor, a: Tensor, b: Tensor, scores: Tensor, canonical_scale: Tensor,
                     canonical_offset: Tensor, num_candidates: int, num_samples: int, tolerance: float,
-                    radius: float) -> Tuple[Tensor, Tensor, Tensor, int]:
-    """Everything the dense loss selects, on the CPU in one call (library() must be available): the matching of
-    views a[i] and b[i] of pos (N, V, 3) / ok (N, V) from scores (B, V) (``match_voxels``), and for its 2P rows
-    (P = B * num_samples; the a slots, then the b slots): flat (2P,) int64 indices view * V + voxel, slot_ok (2P,)
-    bool, keep (2P, 2P) float32 (``far_pairs`` of the rows' canonical positions, position * scale + offset, with
-    partner P) and the number of negatives."""
+                    radius: float) -> Optional[Tuple[Tensor, Tensor, Tensor, int]]:
+    """Everything the dense loss selects, on the CPU in one call (None off the CPU or without the kernel): the
+    matching of views a[i] and b[i] of pos (N, V, 3) / ok (N, V) from scores (B, V) (``match_voxels``), and for
+    its 2P rows (P = B * num_samples; the a slots, then the b slots): flat (2P,) int64 indices view * V + voxel,
+    slot_ok (2P,) bool, keep (2P, 2P) float32 (``far_pairs`` of the rows' canonical positions, position * scale +
+    offset, with partner P) and the number of negatives."""
     lib = library()
+    if lib is None or any(t.device.type != "cpu" for t in (pos, ok, a, b, scores, canonical_scale, canonical_offset)):
+        return None
     nviews, n = pos.shape[:2]
     bsz, k = len(a), int(num_samples)
     f32 = [t.detach().to(torch.float32).contiguous() for t in (pos, scores, canonical_scale, canonical_offset)]

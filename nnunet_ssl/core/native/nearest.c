@@ -7,6 +7,7 @@
    one lies within the tolerance; among equal squared distances the lowest index wins, as the torch search's first
    minimum does. Squared distances are ((dx^2 + dy^2) + dz^2) in float32, compiled without contraction to fused
    multiply-adds, as torch computes them. */
+#include <float.h>
 #include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
@@ -61,6 +62,8 @@ static int grid_build(grid_t *g, const float *p, const uint8_t *ok, int64_t n, d
         /* cells 0.1 % wider than tol (the rounding of a cell index cannot hide a point within tol), widened until
            there are at most ~8 cells per point */
         double cell = tol * 1.001 + 1e-12;
+        if (isinf(cell)) cell = DBL_MAX;  /* any width >= tol is exact */
+        if (!(cell > 0.0)) cell = 1.0;  /* NaN: nothing is within tol anyway */
         for (;;) {
             double total = 1.0;
             for (int d = 0; d < 3; d++) {
@@ -161,25 +164,25 @@ static int before(const scored_t *a, const scored_t *b) {
    time (insertion sort: a bucket holds ~len / NB entries of uniform scores) as it reaches it. out (len): v by
    bucket, stable; first (NB + 1): bucket b is out[first[b] .. first[b + 1]). */
 #define NB 256
+static int64_t bucket_of(float score, float hi, float scale) {
+    float t = (hi - score) * scale;
+    return t >= 0.0f && t < (float)NB ? (int64_t)t : (t >= (float)NB ? NB - 1 : 0);  /* NaN: bucket 0 */
+}
+
 static void bucket_by_score(const scored_t *v, int64_t len, scored_t *out, int64_t *first) {
     float lo = INFINITY, hi = -INFINITY;
     for (int64_t i = 0; i < len; i++) {
         if (v[i].score < lo) lo = v[i].score;
         if (v[i].score > hi) hi = v[i].score;
     }
-    const float scale = hi > lo ? (float)NB / (hi - lo) : 0.0f;
+    float scale = hi > lo ? (float)NB / (hi - lo) : 0.0f;
+    if (!isfinite(scale)) scale = 0.0f;  /* infinite or NaN scores, or a gap too small to divide by: one bucket */
     memset(first, 0, sizeof(int64_t) * (NB + 1));
-    for (int64_t i = 0; i < len; i++) {
-        int64_t b = (int64_t)((hi - v[i].score) * scale);
-        first[(b < NB ? b : NB - 1) + 1]++;
-    }
+    for (int64_t i = 0; i < len; i++) first[bucket_of(v[i].score, hi, scale) + 1]++;
     for (int b = 0; b < NB; b++) first[b + 1] += first[b];
     int64_t fill[NB];
     memcpy(fill, first, sizeof fill);
-    for (int64_t i = 0; i < len; i++) {
-        int64_t b = (int64_t)((hi - v[i].score) * scale);
-        out[fill[b < NB ? b : NB - 1]++] = v[i];
-    }
+    for (int64_t i = 0; i < len; i++) out[fill[bucket_of(v[i].score, hi, scale)]++] = v[i];
 }
 
 static void insertion_sort(scored_t *v, int64_t len) {
@@ -218,6 +221,7 @@ static int match_one(const float *pab, const uint8_t *vab, const float *pbb, con
     memset(ib, 0, sizeof(int64_t) * (size_t)k);
     memset(mk, 0, (size_t)k);
     if (dist) memset(dist, 0, sizeof(float) * (size_t)k);
+    if (!(tol >= 0.0)) return 0;  /* no distance is within a negative or NaN tolerance (the callers pass finite ones) */
     /* view b's valid bounding box grown by tol, in float32 as torch computes it */
     float lo[3] = {INFINITY, INFINITY, INFINITY}, hi[3] = {-INFINITY, -INFINITY, -INFINITY};
     for (int64_t j = 0; j < n; j++) {
@@ -383,9 +387,8 @@ int64_t dense_selection(const float *pos, const uint8_t *ok, int64_t nviews, int
             int64_t rows[2] = {i * k + s, p + i * k + s}, views[2] = {a, b}, vox[2] = {ia[s], ib[s]};
             for (int h = 0; h < 2; h++) {
                 flat[rows[h]] = views[h] * n + vox[h];
-                const float *q = pos + (views[h] * n + vox[h]) * 3;
-                for (int d = 0; d < 3; d++) {
-                    float t = q[d] * scale[views[h] * 3 + d];
+                for (int d = 0; d < 3; d++) {  /* views without voxels: empty slots, any position */
+                    float t = n > 0 ? pos[(views[h] * n + vox[h]) * 3 + d] * scale[views[h] * 3 + d] : 0.0f;
                     x[rows[h] * 3 + d] = t + offset[views[h] * 3 + d];
                 }
             }
