@@ -1,4 +1,4 @@
-"""An optional C kernel for Spade's voxel matching on CPU, compiled on first use with the system's C compiler.
+"""Optional C kernels for Spade's selection on CPU, compiled on first use with the system's C compiler.
 
 The torch matching (``correspondence.match_voxels``: candidate sampling, the window search, the choice of matches)
 is ~90 small operations on tensors of a few thousand entries; on CPU their dispatch is most of its cost (about 40 %
@@ -8,7 +8,7 @@ negatives in one pass instead of ~20 operations, ``contrastive_masks`` the crop-
 a C compiler (or with ``NNUNET_SSL_NATIVE=0``) they return None and the torch path runs: the same result, more
 slowly.
 
-The library is built once per source version, compiler and machine type into ``$NNUNET_SSL_CACHE`` (default
+The library is built once per source version, compiler and CPU into ``$NNUNET_SSL_CACHE`` (default
 ``~/.cache/nnunet_ssl``), written under a temporary name and renamed, so parallel processes (DDP ranks, test
 workers) never load a half-written file."""
 from __future__ import annotations
