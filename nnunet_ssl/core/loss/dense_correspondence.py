@@ -82,15 +82,10 @@ def dense_correspondence_loss(dense: Tensor, coords: Tensor, valid: Tensor, cano
         slot_ok = torch.cat((m, m))
         p = m.numel()
         with torch.inference_mode():
-            native_keep = native.far_pairs(x, slot_ok, r_neg, partner=p)  # CPU: the mask in one C pass
-            if native_keep is None:
-                keep = far_pairs(x, slot_ok, r_neg)
-                keep.diagonal(p).fill_(1.0)
-                keep.diagonal(-p).fill_(1.0)
-                n_neg = keep.sum() - 2 * p
-            else:
-                keep, count = native_keep
-                n_neg = torch.tensor(float(count))
+            keep = far_pairs(x, slot_ok, r_neg)
+            keep.diagonal(p).fill_(1.0)
+            keep.diagonal(-p).fill_(1.0)
+        n_neg = keep.sum() - 2 * p
     with torch.autocast(device_type=dense.device.type, enabled=False):
         # float32: the logits at low temperature overflow / underflow half precision
         z = unit_rows(_voxel_rows(dense, flat).float())  # (2P, C)

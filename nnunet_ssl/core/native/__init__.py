@@ -3,8 +3,8 @@
 The torch matching (``correspondence.match_voxels``: candidate sampling, the window search, the choice of matches)
 is ~90 small operations on tensors of a few thousand entries; on CPU their dispatch is most of its cost (about 40 %
 of Spade's selection + loss in a CPU-budget step). ``match_voxels`` here does the same in one call, with the same
-pairs from the same random scores (up to exact ties of the scores); ``far_pairs`` builds the dense loss's mask of
-negatives in one pass instead of ~20 operations, ``contrastive_masks`` the crop-level masks instead of ~10. Without
+pairs from the same random scores (up to exact ties of the scores); ``dense_selection`` adds the dense loss's rows
+and mask of negatives (``far_pairs``) in the same call, ``contrastive_masks`` the crop-level masks in one. Without
 a C compiler (or with ``NNUNET_SSL_NATIVE=0``) they return None and the torch path runs: the same result, more
 slowly.
 
@@ -132,7 +132,7 @@ def _load() -> Optional[ctypes.CDLL]:
     lib.far_pairs.restype = i64
     lib.far_pairs.argtypes = [ptr, ptr, i64, i64, ctypes.c_double, ptr]
     lib.dense_selection.restype = i64
-    lib.dense_selection.argtypes = [ptr, ptr, i64, i64, ptr, ptr, i64, ptr, ptr, ptr, i64, i64, ctypes.c_double,
+    lib.dense_selection.argtypes = [ptr, ptr, i64, ptr, ptr, i64, ptr, ptr, ptr, i64, i64, ctypes.c_double,
                                     ctypes.c_double, ptr, ptr, ptr]
     lib.contrastive_masks.restype = None
     lib.contrastive_masks.argtypes = [ptr, ptr, i64, i64, ctypes.c_double, ctypes.c_double, ptr, ptr]
@@ -144,7 +144,7 @@ def nearest_within(query: Tensor, points: Tensor, ok: Tensor, tolerance: float) 
     index (B, M) int64 of each query's nearest ok point and the squared distance (B, M) float32, exact whenever that
     point lies within ``tolerance``; index 0 and +inf where no ok point lies within about ``tolerance`` (farther
     results are the nearest of the cells searched). Ties: the lowest index. None where the kernel is unavailable
-    (not on CPU, no compiler): use the torch search."""
+    (not on CPU, no compiler). The grid search of ``match_voxels`` on its own, for its exactness tests."""
     if query.device.type != "cpu" or points.device.type != "cpu" or not (tolerance >= 0 and tolerance < float("inf")):
         return None
     lib = library()
@@ -193,10 +193,11 @@ def match_voxels(pa: Tensor, va: Tensor, pb: Tensor, vb: Tensor, scores: Tensor,
 
 
 def far_pairs(x: Tensor, ok: Tensor, radius: float, partner: Optional[int] = None) -> Optional[Tuple[Tensor, int]]:
-    """The dense loss's mask of negatives on the CPU: keep (n, n) float32, 1.0 where rows i and j of x (n, 3) are
-    both ``ok`` and farther apart than ``radius`` (squared distance > max(radius^2, 1e-12): points within 1e-6 are
-    coincident), else 0.0; with ``partner`` P, entry (i, (i + P) mod n) of every row is then set to 1.0 (the
-    positive). Returns (keep, number of far pairs off those entries), or None where the kernel is unavailable."""
+    """The mask of negatives ``dense_selection`` builds, on its own (for its exactness tests): keep (n, n) float32,
+    1.0 where rows i and j of x (n, 3) are both ``ok`` and farther apart than ``radius`` (squared distance >
+    max(radius^2, 1e-12): points within 1e-6 are coincident), else 0.0; with ``partner`` P, entry (i, (i + P) mod n)
+    of every row is then set to 1.0 (the positive). Returns (keep, number of far pairs off those entries), or None
+    where the kernel is unavailable."""
     if x.device.type != "cpu" or ok.device.type != "cpu" or not 0 <= radius < float("inf"):
         return None
     lib = library()
@@ -242,7 +243,7 @@ def dense_selection(pos: Tensor, ok: Tensor, a: Tensor, b: Tensor, scores: Tenso
     lib = library()
     if lib is None or any(t.device.type != "cpu" for t in (pos, ok, a, b, scores, canonical_scale, canonical_offset)):
         return None
-    nviews, n = pos.shape[:2]
+    n = pos.shape[1]
     bsz, k = len(a), int(num_samples)
     f32 = [t.detach().to(torch.float32).contiguous() for t in (pos, scores, canonical_scale, canonical_offset)]
     flags = ok.detach().to(torch.bool).contiguous()
@@ -250,7 +251,7 @@ def dense_selection(pos: Tensor, ok: Tensor, a: Tensor, b: Tensor, scores: Tenso
     flat = torch.empty(2 * bsz * k, dtype=torch.int64)
     slot_ok = torch.empty(2 * bsz * k, dtype=torch.bool)
     keep = torch.empty((2 * bsz * k, 2 * bsz * k), dtype=torch.float32)
-    count = lib.dense_selection(f32[0].data_ptr(), flags.data_ptr(), nviews, n, va.data_ptr(), vb.data_ptr(), bsz,
+    count = lib.dense_selection(f32[0].data_ptr(), flags.data_ptr(), n, va.data_ptr(), vb.data_ptr(), bsz,
                                 f32[1].data_ptr(), f32[2].data_ptr(), f32[3].data_ptr(), int(num_candidates), k,
                                 float(tolerance), max(float(radius) ** 2, 1e-12), flat.data_ptr(), slot_ok.data_ptr(),
                                 keep.data_ptr())

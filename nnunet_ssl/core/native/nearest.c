@@ -366,7 +366,7 @@ void contrastive_masks(const float *c, const int64_t *group, int64_t n, int64_t 
    (2, B, k) bytes, their canonical positions (position * scale + offset in float32) and from those the mask of
    negatives and positives keep (2Bk, 2Bk) (far_pairs with partner Bk). Returns the number of negatives, or -1
    without memory. */
-int64_t dense_selection(const float *pos, const uint8_t *ok, int64_t nviews, int64_t n, const int64_t *va,
+int64_t dense_selection(const float *pos, const uint8_t *ok, int64_t n, const int64_t *va,
                         const int64_t *vb, int64_t bsz, const float *scores, const float *scale, const float *offset,
                         int64_t m, int64_t k, double tol, double r2, int64_t *flat, uint8_t *slot_ok, float *keep) {
     const int64_t p = bsz * k;
@@ -376,7 +376,6 @@ int64_t dense_selection(const float *pos, const uint8_t *ok, int64_t nviews, int
     float *x = (float *)malloc(sizeof(float) * 3 * (size_t)(p > 0 ? 2 * p : 1));
     int rc = buffers_init(&w, n);
     if (!ia || !ib || !x) rc = -1;
-    (void)nviews;
     for (int64_t i = 0; i < bsz && rc == 0; i++) {
         const int64_t a = va[i], b = vb[i];
         rc = match_one(pos + a * n * 3, ok + a * n, pos + b * n * 3, ok + b * n, scores + i * n, n, m, k, tol, &w,
