@@ -4,6 +4,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 BIN = Path(sys.executable).parent
 REPO = Path(__file__).resolve().parents[1]
@@ -79,3 +80,12 @@ def atomic_torch_save(obj, filename) -> None:
     from nnunet_ssl.nnunet.checkpoint import atomic_write_path
     with atomic_write_path(str(filename)) as tmp:
         torch.save(obj, tmp)
+
+
+def voxel_grid(shape, offset=(0.0, 0.0, 0.0)):
+    """(3, *shape) map holding each voxel's own index (padded to 3 components) plus offset."""
+    axes = [torch.arange(s, dtype=torch.float32) for s in shape]
+    mesh = list(torch.meshgrid(*axes, indexing="ij"))
+    while len(mesh) < 3:
+        mesh.append(torch.zeros(shape))
+    return torch.stack(mesh) + torch.tensor(offset, dtype=torch.float32).view(3, *([1] * len(shape)))

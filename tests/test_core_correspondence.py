@@ -3,17 +3,10 @@ import itertools
 import pytest
 import torch
 
+from conftest import voxel_grid as _grid
+
 from nnunet_ssl.core.correspondence import (argmin_last, feature_grid, gather_at, sample_coords,
                                              sample_correspondences)
-
-
-def _grid(shape, offset=(0.0, 0.0, 0.0)):
-    """(3, *shape) map holding each voxel's own index (padded to 3 components) plus offset."""
-    axes = [torch.arange(s, dtype=torch.float32) for s in shape]
-    mesh = list(torch.meshgrid(*axes, indexing="ij"))
-    while len(mesh) < 3:
-        mesh.append(torch.zeros(shape))
-    return torch.stack(mesh) + torch.tensor(offset, dtype=torch.float32).view(3, *([1] * len(shape)))
 
 
 def _flipped_shifted(shape, axis, shift, offset):

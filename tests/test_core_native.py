@@ -5,6 +5,8 @@ import warnings
 import pytest
 import torch
 
+from conftest import voxel_grid
+
 from nnunet_ssl.core import native
 from nnunet_ssl.core.correspondence import sample_correspondences
 
@@ -72,7 +74,7 @@ def test_c_matching_equals_the_torch_matching(num_samples, valid_b):
     view b has no valid voxel."""
     g = torch.Generator().manual_seed(num_samples)
     shape = (6, 8, 8)
-    grid = torch.stack(torch.meshgrid(*[torch.arange(s, dtype=torch.float32) for s in shape], indexing="ij"))
+    grid = voxel_grid(shape)
     ca = torch.stack([grid + torch.randn(3, 1, 1, 1, generator=g) for _ in range(3)])
     cb = torch.stack([grid.flip(1) * 1.1 + torch.randn(3, 1, 1, 1, generator=g) for _ in range(3)])
     va = torch.rand(3, *shape, generator=g) < 0.8
@@ -92,7 +94,7 @@ def test_c_matching_equals_the_torch_matching(num_samples, valid_b):
 def test_without_the_c_kernel_the_torch_search_gives_the_same_pairs(monkeypatch, tmp_path):
     g = torch.Generator().manual_seed(0)
     shape = (6, 8, 8)
-    grid = torch.stack(torch.meshgrid(*[torch.arange(s, dtype=torch.float32) for s in shape], indexing="ij"))
+    grid = voxel_grid(shape)
     ca = grid.expand(2, -1, -1, -1, -1) + 0.3
     cb = grid.flip(2).expand(2, -1, -1, -1, -1).contiguous()
     va = torch.rand(2, *shape, generator=g) < 0.9
@@ -253,7 +255,7 @@ def test_dense_loss_selects_the_same_rows_with_and_without_the_c_kernels(monkeyp
     from nnunet_ssl.core.loss import dense_correspondence_loss
     g = torch.Generator().manual_seed(5)
     crops, shape = 4, (24, 32, 24)
-    grid = torch.stack(torch.meshgrid(*[torch.arange(s, dtype=torch.float32) for s in shape], indexing="ij"))
+    grid = voxel_grid(shape)
     theta = 0.3
     rot = torch.tensor([[1.0, 0, 0], [0, math.cos(theta), -math.sin(theta)], [0, math.sin(theta), math.cos(theta)]])
     view_a = grid[None] + torch.rand(crops, 3, 1, 1, 1, generator=g) * 4
